@@ -1,0 +1,86 @@
+"""The Stable Diffusion architectures an SPM can be made for, and how to tell them apart.
+
+An SPM's architecture shows in its shapes: the cross-attention ``to_k``/``to_v`` layers read the
+text encoder's width (768 for SD1.x, 1024 for SD2.x, 2048 for SDXL and Pony). The reference
+configurations are the published diffusers ``UNet2DConditionModel`` configs; building one on the
+``meta`` device costs no memory and gives every layer's name and shape.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .errors import SPMShapeError
+
+CONTEXT_DIM = {"sd1": 768, "sd2": 1024, "sdxl": 2048}
+
+_COMMON = dict(in_channels=4, out_channels=4, layers_per_block=2, norm_num_groups=32)
+_CONFIGS = {
+    "sd1": dict(
+        _COMMON,
+        sample_size=64,
+        block_out_channels=(320, 640, 1280, 1280),
+        down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+        cross_attention_dim=768,
+        attention_head_dim=8,
+    ),
+    "sd2": dict(
+        _COMMON,
+        sample_size=96,
+        block_out_channels=(320, 640, 1280, 1280),
+        down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+        cross_attention_dim=1024,
+        attention_head_dim=(5, 10, 20, 20),
+        use_linear_projection=True,
+    ),
+    "sdxl": dict(
+        _COMMON,
+        sample_size=128,
+        block_out_channels=(320, 640, 1280),
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+        transformer_layers_per_block=(1, 2, 10),
+        cross_attention_dim=2048,
+        attention_head_dim=(5, 10, 20),
+        use_linear_projection=True,
+        addition_embed_type="text_time",
+        addition_time_embed_dim=256,
+        projection_class_embeddings_input_dim=2816,
+    ),
+}
+
+
+def reference_config(arch: str) -> dict:
+    return dict(_CONFIGS[arch])
+
+
+def reference_unet(arch: str):
+    """A full-size diffusers UNet of ``arch`` on the meta device: names and shapes, no weights."""
+    from diffusers import UNet2DConditionModel  # optional: only the CLI and tests need it
+
+    with torch.device("meta"):
+        return UNet2DConditionModel(**_CONFIGS[arch])
+
+
+def arch_from_context_dim(dim: int) -> str | None:
+    for arch, d in CONTEXT_DIM.items():
+        if d == dim:
+            return arch
+    return None
+
+
+def context_dim_of_layers(shapes: dict[str, tuple[int, ...]]) -> int | None:
+    """The text width the cross-attention key projections read, from ``{key: down shape}``."""
+    dims = {shape[1] for key, shape in shapes.items() if key.endswith(("attn2_to_k", "attn2_to_v"))}
+    if len(dims) > 1:
+        raise SPMShapeError(f"cross-attention layers disagree on the text width: {sorted(dims)}")
+    return dims.pop() if dims else None
+
+
+def unet_context_dim(unet: torch.nn.Module) -> int | None:
+    for name, module in unet.named_modules():
+        if name.endswith("attn2.to_k") and isinstance(module, torch.nn.Linear):
+            return module.in_features
+    return None

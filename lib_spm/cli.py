@@ -1,0 +1,82 @@
+"""``python -m lib_spm``: inspect SPM files, run the demo. Errors print one line and exit 2."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+
+def _inspect(args) -> int:
+    from .compat import webui_lora_check
+    from .spm_file import load_spm
+
+    spm = load_spm(args.file)
+    ok, why = webui_lora_check(spm)
+    md = spm.metadata
+    info = {
+        "file": str(spm.path),
+        "name": spm.name,
+        "format": "original model zoo" if md.format == "zoo" else f"sd-webui-spm v{md.to_dict()['spm_format']}",
+        "architecture": spm.arch or "unknown",
+        "rank": spm.rank,
+        "alpha": sorted(spm.alphas) if len(spm.alphas) > 1 else next(iter(spm.alphas)),
+        "targets": md.targets,
+        "surrogates": md.surrogates,
+        "slices": [{"name": s.name, "concepts": list(s.concepts), "rank": s.rank} for s in spm.slices()],
+        "layers": len(spm.layers),
+        "parameters": spm.parameter_count,
+        "dtype": str(next(iter(spm.layers.values())).down.dtype).replace("torch.", ""),
+        "sha256": spm.sha256,
+        "webui_builtin_lora": {"loads": ok, "detail": why},
+        "description": md.description,
+        "recipe": md.recipe,
+    }
+    if args.json:
+        print(json.dumps(info, indent=2, ensure_ascii=False))
+        return 0
+    width = max(len(k) for k in info)
+    for k, v in info.items():
+        if k == "webui_builtin_lora":
+            v = ("yes" if ok else "no") + f" ({why})"
+        elif isinstance(v, (list, dict)):
+            if not v:
+                continue
+            v = json.dumps(v, ensure_ascii=False)
+        elif v in ("", None):
+            continue
+        print(f"{k.replace('_', ' '):<{width}}  {v}")
+    return 0
+
+
+def _demo(args) -> int:
+    from .demo import run_demo
+
+    metrics = run_demo(args.out, concept=args.concept)
+    print(json.dumps(metrics, indent=2))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m lib_spm", description="Concept Semi-Permeable Membranes (SPM)")
+    sub = p.add_subparsers(dest="command", required=True)
+    i = sub.add_parser("inspect", help="show what an SPM file holds and whether the WebUI's Lora can load it")
+    i.add_argument("file")
+    i.add_argument("--json", action="store_true", help="machine-readable output")
+    i.set_defaults(run=_inspect)
+    d = sub.add_parser("demo", help="apply an SPM to a small model and report what Facilitated Transport did")
+    d.add_argument("--out", default="demo_out")
+    d.add_argument("--concept", default="circle")
+    d.set_defaults(run=_demo)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    from .errors import SPMError
+
+    args = build_parser().parse_args(argv)
+    try:
+        return args.run(args)
+    except (SPMError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2

@@ -1,0 +1,35 @@
+"""Will a file load in the WebUI's built-in Lora as a plain LoRA? Checked against the real
+full-size architecture (a meta-device reference UNet), through the same name resolution the
+tests verify against the WebUI's own mapping (tests/fixtures)."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+
+from . import archs
+from .errors import SPMError
+from .names import resolve
+from .session import _fit
+from .spm_file import SPMFile
+
+
+@lru_cache(maxsize=3)
+def _reference(arch: str):
+    return archs.reference_unet(arch)
+
+
+def webui_lora_check(spm: SPMFile) -> tuple[bool, str]:
+    """(loads, why): every key must name a layer of the architecture's UNet with the right shape."""
+    if spm.arch is None:
+        return False, "architecture unknown (its text width matches no SD1/SD2/SDXL model)"
+    try:
+        unet = _reference(spm.arch)
+    except ImportError:
+        return False, "cannot check: diffusers is not installed"
+    try:
+        paths = resolve(list(spm.layers), unet)
+        for key, path in paths.items():
+            _fit(unet.get_submodule(path), spm.layers[key], key)
+    except SPMError as e:
+        return False, str(e)
+    return True, f"all {len(paths)} layers resolve to {spm.arch} modules with matching shapes"

@@ -1,0 +1,126 @@
+"""Pure math of SPM application and Facilitated Transport gating: tensors in, tensors out.
+
+Nothing here knows a model, a file or a host; the runtime calls these from its hooks.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+
+METRICS = ("clipcos", "tokenuni", "clipcos_tokenuni")
+
+
+# -- Facilitated Transport scores ---------------------------------------------------------------
+
+def clip_cosine(cond: torch.Tensor, concepts: torch.Tensor) -> torch.Tensor:
+    """Cosine of each row's flattened conditioning with each concept's: ``[B, T, D] x [C, L, D] -> [B, C]``.
+
+    The published score flattens the whole padded ``L``-token encoding (L = 77). Hosts encode
+    long prompts as several L-token chunks concatenated (T = k * L, the WebUI's 75-token chunks
+    with their own start/end/padding): each chunk is scored as a prompt of its own and the row
+    takes the best chunk, so a concept named anywhere in a long prompt opens the gate.
+    """
+    B, T, D = cond.shape
+    C, L, Dc = concepts.shape
+    if D != Dc:
+        raise ValueError(f"conditioning width {D} != concept encoding width {Dc}")
+    if T % L:
+        raise ValueError(f"conditioning of {T} tokens is not a whole number of {L}-token chunks")
+    rows = F.normalize(cond.float().reshape(B, T // L, L * D), dim=-1)
+    cons = F.normalize(concepts.float().reshape(C, L * D), dim=-1)
+    return torch.einsum("bkf,cf->bkc", rows, cons).amax(dim=1)
+
+
+def token_overlap(rows: Sequence[frozenset[int] | None], concepts: Sequence[frozenset[int]]) -> torch.Tensor:
+    """``|tokens(row) & tokens(concept)| / |tokens(concept)|``; 0 where a row's tokens are unknown."""
+    out = torch.zeros(len(rows), len(concepts))
+    for b, row in enumerate(rows):
+        if row is None:
+            continue
+        for c, con in enumerate(concepts):
+            if con:
+                out[b, c] = len(row & con) / len(con)
+    return out
+
+
+def concept_scores(
+    metric: str,
+    cond: torch.Tensor,
+    concept_embeds: torch.Tensor,
+    row_tokens: Sequence[frozenset[int] | None],
+    concept_tokens: Sequence[frozenset[int]],
+) -> torch.Tensor:
+    """gamma per (row, concept) for one of :data:`METRICS`: the max of the scores it names."""
+    if metric not in METRICS:
+        raise ValueError(f"unknown gate metric {metric!r}; choose one of {METRICS}")
+    parts = []
+    if "clipcos" in metric:
+        parts.append(clip_cosine(cond, concept_embeds).cpu())
+    if "tokenuni" in metric:
+        parts.append(token_overlap(row_tokens, concept_tokens))
+    return torch.stack(parts).amax(dim=0)
+
+
+def slice_gates(scores: torch.Tensor, groups: Sequence[Sequence[int]], factor: float) -> torch.Tensor:
+    """Gate of each slice: ``clamp(factor * max over its concepts, 0, 1)``: ``[B, C] -> [B, S]``.
+
+    A slice without concepts cannot be gated and stays fully open.
+    """
+    cols = []
+    for idx in groups:
+        if idx:
+            cols.append(scores[:, list(idx)].amax(dim=1))
+        else:
+            cols.append(torch.ones(scores.shape[0]))
+    return (torch.stack(cols, dim=1) * factor).clamp(0.0, 1.0)
+
+
+# -- the adapted layer --------------------------------------------------------------------------
+
+def lowrank_bypass(
+    x: torch.Tensor,
+    down: torch.Tensor,
+    up: torch.Tensor,
+    coef: torch.Tensor,
+    conv: dict | None = None,
+) -> torch.Tensor:
+    """``sum_i coef[row, i] * up[:, i] (down[i] x)`` for all stacked rank columns in one product.
+
+    ``down`` is ``[R, in]`` (Linear) or ``[R, in, kh, kw]`` (Conv2d, with ``conv`` holding the
+    layer's stride/padding/dilation); ``up`` is ``[out, R]`` or ``[out, R, 1, 1]``; ``coef`` is
+    ``[B, R]``: each column's gate x strength x alpha/rank for each batch row.
+    """
+    B = x.shape[0]
+    if conv is None:
+        h = F.linear(x, down)
+        h = h * coef.reshape(B, *([1] * (h.dim() - 2)), -1)
+        return F.linear(h, up)
+    h = F.conv2d(x, down, None, **conv)
+    h = h * coef.reshape(B, -1, 1, 1)
+    return F.conv2d(h, up)
+
+
+def original_bypass(
+    x: torch.Tensor, down: torch.Tensor, up: torch.Tensor, coef: torch.Tensor, n: int, scale: float,
+    conv: dict | None = None,
+) -> torch.Tensor:
+    """What the original code computes: ``scale * (sum_i c_i U_i)(sum_j c_j D_j) x``, gamma^2 and cross terms.
+
+    The original scales both factors of every SPM and sums the weights of equal-rank SPMs before
+    applying them. Kept only to compare against; ``coef`` is ``[B, n*r]`` (c_i repeated r times).
+    """
+    B = x.shape[0]
+    r = down.shape[0] // n
+    if conv is None:
+        h = F.linear(x, down)
+        shape = (B, *([1] * (h.dim() - 2)), -1)
+        h = (h * coef.reshape(shape)).unflatten(-1, (n, r)).sum(-2)  # sum_j c_j D_j x
+        h = h.repeat(*([1] * (h.dim() - 1)), n)  # column i*r+k holds (sum_j c_j D_j x)_k
+        return scale * F.linear(h * coef.reshape(shape), up)
+    h = F.conv2d(x, down, None, **conv)
+    h = (h * coef.reshape(B, -1, 1, 1)).unflatten(1, (n, r)).sum(1)
+    h = h.repeat(1, n, 1, 1)
+    return scale * F.conv2d(h * coef.reshape(B, -1, 1, 1), up)
