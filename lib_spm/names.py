@@ -177,8 +177,8 @@ def _translate(path: str, table: list[tuple[str, str, str]], back: bool) -> str 
     return None
 
 
-def layer_names(unet: nn.Module, *, only_adaptable: bool = True) -> dict[str, LayerName]:
-    """Names in both dialects for every Linear/Conv2d (or every module) of a UNet, by path."""
+def layer_names(unet: nn.Module) -> dict[str, LayerName]:
+    """Names in both dialects for every Linear/Conv2d of a UNet, by path."""
     kind = flavour(unet)
     if kind == "diffusers":
         table = [(d, l, "same") for d, l in _TOP.items()] + list(_pairs_from_diffusers(unet))
@@ -187,7 +187,7 @@ def layer_names(unet: nn.Module, *, only_adaptable: bool = True) -> dict[str, La
     table.sort(key=lambda row: -len(row[0 if kind == "diffusers" else 1]))  # longest prefix first
     out = {}
     for path, module in unet.named_modules():
-        if not path or (only_adaptable and not isinstance(module, ADAPTABLE)):
+        if not isinstance(module, ADAPTABLE):
             continue
         other = _translate(path, table, back=(kind == "ldm"))
         if other is None:

@@ -1,0 +1,72 @@
+"""Facilitated Transport scoring as pure functions: three tensors in, one out."""
+
+import pytest
+import torch
+
+from lib_spm import GateSettings, SPMValueError
+from lib_spm.functional import clip_cosine, concept_scores, lowrank_bypass, slice_gates, token_overlap
+from models import L, ToyEncoder
+
+enc = ToyEncoder()
+
+
+def test_clip_cosine_of_a_prompt_with_itself_is_one_and_matches_torch():
+    e = enc.encode(["a red circle", "a dog"])
+    s = clip_cosine(e, e)
+    assert torch.allclose(s.diagonal(), torch.ones(2), atol=1e-6)
+    ref = torch.cosine_similarity(e[0].flatten(), e[1].flatten(), dim=0)
+    assert torch.allclose(s[0, 1], ref, atol=1e-6)
+
+
+def test_long_prompts_take_the_best_chunk():
+    """75-token chunks are concatenated by the host; the concept may sit in any chunk."""
+    target = enc.encode(["circle"])
+    filler, hit = enc.encode(["a landscape with trees"]), enc.encode(["circle"])
+    long_row = torch.cat([filler, hit], dim=1)  # [1, 2L, D]
+    assert long_row.shape[1] == 2 * L
+    s = clip_cosine(long_row, target)
+    assert torch.allclose(s, torch.ones(1, 1), atol=1e-6)
+    assert clip_cosine(filler, target) < s
+    with pytest.raises(ValueError, match="chunks"):
+        clip_cosine(torch.zeros(1, L + 1, enc.width), target)
+
+
+def test_token_overlap_counts_target_tokens_and_ignores_unknown_rows():
+    rows = [frozenset({1, 2, 3}), None, frozenset()]
+    concepts = [frozenset({2, 9}), frozenset({1, 2, 3}), frozenset()]
+    out = token_overlap(rows, concepts)
+    assert out.tolist() == [[0.5, 1.0, 0.0], [0.0, 0.0, 0.0], [0.0, 0.0, 0.0]]
+
+
+@pytest.mark.parametrize("metric", ["clipcos", "tokenuni", "clipcos_tokenuni"])
+def test_metric_is_the_max_of_the_scores_it_names(metric):
+    prompts, concepts = ["a red circle", "a dog"], ["circle", "red dog"]
+    cos = clip_cosine(enc.encode(prompts), enc.encode(concepts))
+    tok = token_overlap(enc.tokens(prompts), enc.tokens(concepts))
+    got = concept_scores(metric, enc.encode(prompts), enc.encode(concepts), enc.tokens(prompts), enc.tokens(concepts))
+    want = {"clipcos": cos, "tokenuni": tok, "clipcos_tokenuni": torch.maximum(cos, tok)}[metric]
+    assert torch.allclose(got, want)
+
+
+def test_slice_gates_take_the_max_over_concepts_scale_and_clamp():
+    scores = torch.tensor([[0.2, 0.6, -0.5], [0.9, 0.1, 0.3]])
+    g = slice_gates(scores, [[0, 1], [2], []], factor=1.5)
+    assert torch.allclose(g, torch.tensor([[0.9, 0.0, 1.0], [1.0, 0.45, 1.0]]))
+
+
+def test_gate_settings_are_validated():
+    with pytest.raises(SPMValueError):
+        GateSettings(metric="cosine")
+    with pytest.raises(SPMValueError):
+        GateSettings(factor=-1.0)
+
+
+def test_bypass_is_linear_in_each_column_coefficient():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 5, 6, generator=g)
+    down, up = torch.randn(3, 6, generator=g), torch.randn(4, 3, generator=g)
+    coef = torch.tensor([[1.0, 0.0, 2.0], [0.5, 0.5, 0.0]])
+    got = lowrank_bypass(x, down, up, coef)
+    for b in range(2):
+        want = sum(coef[b, i] * torch.outer(up[:, i], down[i]) for i in range(3))
+        assert torch.allclose(got[b], x[b] @ want.T, atol=1e-5)

@@ -1,0 +1,290 @@
+"""One table of models through one suite of runtime invariants (STYLE.md, "Tests")."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import pytest
+import torch
+import torch.nn as nn
+
+from lib_spm import ArchitectureMismatch, GateSettings, Session, SPMRuntimeError, UnresolvedKeysError
+from lib_spm.metadata import Slice
+from models import CTX, ToyEncoder, ldm_tree, tiny_sd1, tiny_sdxl
+from spm_helpers import hook_counts, merged, merged_columns, random_spm
+
+PROMPTS = ["a red circle", "a blue square on grass", "circle", "a photo of a dog"]
+B = len(PROMPTS)
+
+
+@dataclass
+class Case:
+    name: str
+    build: Callable[[], nn.Module]
+    width: int  # text width the model reads
+    extra: Callable[[int], dict]  # extra forward kwargs for a batch (seeded)
+    dialect: str = "key"
+
+    def inputs(self, batch: int = B, seed: int = 0):
+        g = torch.Generator().manual_seed(seed)
+        x = torch.randn(batch, 4, 8, 8, generator=g)
+        t = torch.full((batch,), 500)
+        enc = ToyEncoder(self.width)
+        return x, t, enc.encode(PROMPTS[:batch]), enc
+
+    def run(self, model, x, t, ctx, rows=slice(None)):
+        kw = {k: v[rows] for k, v in self.extra(x.shape[0] if rows == slice(None) else B).items()}
+        with torch.no_grad():
+            out = model(x[rows], t[rows], ctx[rows], **kw)
+        return out.sample if hasattr(out, "sample") else out
+
+
+def _sdxl_extra(batch):
+    g = torch.Generator().manual_seed(7)
+    return {"added_cond_kwargs": _Rows({"text_embeds": torch.randn(batch, CTX, generator=g),
+                                        "time_ids": torch.randn(batch, 6, generator=g)})}
+
+
+class _Rows(dict):
+    """A dict of per-row tensors that slices like one."""
+
+    def __getitem__(self, key):
+        if isinstance(key, slice):
+            return _Rows({k: v[key] for k, v in self.items()})
+        return super().__getitem__(key)
+
+
+def _none(batch):
+    return {}
+
+
+CASES = [
+    Case("sd1-conv-proj", lambda: tiny_sd1(False), CTX, _none),
+    Case("sd1-linear-proj", lambda: tiny_sd1(True), CTX, _none),
+    Case("sdxl", tiny_sdxl, CTX, _sdxl_extra),
+    Case("ldm-sd15-fixture", lambda: ldm_tree("sd15"), 12, _none, dialect="ldm_key"),
+    Case("ldm-sdxl-fixture", lambda: ldm_tree("sdxl"), 32, _none, dialect="ldm_key"),
+]
+
+
+def _rows(rows):
+    return lambda n: rows
+
+
+@pytest.fixture(params=CASES, ids=[c.name for c in CASES])
+def case(request):
+    return request.param
+
+
+@pytest.fixture
+def world(case):
+    model = case.build()
+    x, t, ctx, enc = case.inputs()
+    spm_a = random_spm(model, ["circle"], rank=1, seed=1, dialect=case.dialect)
+    spm_b = random_spm(model, ["square", "grass"], rank=2, alpha=1.0, seed=2, dialect=case.dialect, every=2)
+    base = case.run(model, x, t, ctx)
+    return model, x, t, ctx, enc, spm_a, spm_b, base
+
+
+def _close(a, b, tol=2e-5):
+    scale = b.abs().max().clamp_min(1.0)
+    return (a - b).abs().max() <= tol * scale
+
+
+def test_gate_zero_is_exactly_base(case, world):
+    model, x, t, ctx, enc, a, b, base = world
+    for gate in (GateSettings(factor=0.0), GateSettings(enabled=False)):
+        strength = 0.0 if not gate.enabled else 1.0
+        with Session(model, [(a, strength), (b, strength)], encoder=enc, gate=gate):
+            out = case.run(model, x, t, ctx)
+        assert torch.equal(out, base)
+
+
+def test_gate_one_equals_merged_weights(case, world):
+    model, x, t, ctx, enc, a, b, base = world
+    with Session(model, [(a, 0.7)], gate=GateSettings(enabled=False)):
+        out = case.run(model, x, t, ctx)
+    ref = case.run(merged(model, [(a, 0.7)]), x, t, ctx)
+    assert not torch.equal(out, base)
+    assert _close(out, ref)
+
+
+def test_n_spms_equal_sum_of_their_deltas(case, world):
+    model, x, t, ctx, enc, a, b, base = world
+    with Session(model, [(a, 1.0), (b, -0.5)], gate=GateSettings(enabled=False)) as s:
+        out = case.run(model, x, t, ctx)
+        layer = next(iter(s._layers.values()))
+        assert layer.down.shape[0] == a.rank + b.rank  # one stacked product, not one per SPM
+    ref = case.run(merged(model, [(a, 1.0), (b, -0.5)]), x, t, ctx)
+    assert _close(out, ref)
+
+
+def test_per_row_gates_equal_rows_run_one_by_one(case, world):
+    model, x, t, ctx, enc, a, b, base = world
+    rows = enc.tokens(PROMPTS)
+    with Session(model, [(a, 1.0), (b, 0.8)], encoder=enc, row_tokens=_rows(rows)) as s:
+        out = case.run(model, x, t, ctx)
+        gates = s.last_gates.clone()
+    assert gates.shape == (B, 2)
+    assert len({tuple(r.tolist()) for r in gates}) > 1, "rows should get different gates"
+    assert gates[2, 0] == 1.0 and gates[1, 1] == 1.0  # exact token matches open the gate fully
+    for i in range(B):
+        ref_model = merged(model, [(a, float(gates[i, 0]) * 1.0), (b, float(gates[i, 1]) * 0.8)])
+        ref = case.run(ref_model, x, t, ctx, rows=slice(i, i + 1))
+        assert _close(out[i : i + 1], ref), f"row {i}"
+
+
+def test_slices_of_one_pack_are_gated_separately(case, world):
+    model, x, t, ctx, enc, a, b, base = world
+    pack = random_spm(model, ["circle", "square"], rank=2, seed=5, dialect=case.dialect,
+                      slices=[Slice("c", ("circle",), 1), Slice("s", ("square",), 1)])
+    rows = enc.tokens(PROMPTS)
+    with Session(model, [(pack, 1.0)], encoder=enc, row_tokens=_rows(rows)) as s:
+        out = case.run(model, x, t, ctx)
+        gates = s.last_gates.clone()
+    assert s.slice_labels == [f"{pack.name}:c", f"{pack.name}:s"]
+    for i in range(B):
+        ref = case.run(merged_columns(model, pack, gates[i]), x, t, ctx, rows=slice(i, i + 1))
+        assert _close(out[i : i + 1], ref), f"row {i}"
+
+
+def test_detach_is_bit_exact_and_leaves_no_hooks(case, world):
+    model, x, t, ctx, enc, a, b, base = world
+    before = hook_counts(model)
+    s = Session(model, [(a, 1.0), (b, 1.0)], encoder=enc).attach()
+    assert hook_counts(model) > before
+    case.run(model, x, t, ctx)
+    s.detach()
+    assert hook_counts(model) == before
+    assert torch.equal(case.run(model, x, t, ctx), base)
+    assert not any(k.startswith("spm") or "session" in k for m in model.modules() for k in vars(m))
+
+
+def test_composes_with_other_hooks_and_weight_patches(case, world):
+    """Next to another extension's forward hook and the built-in Lora's in-place weight edits."""
+    model, x, t, ctx, enc, a, b, base = world
+    path = next(iter(Session(model, [(a, 1.0)], gate=GateSettings(enabled=False))._build_layers()))
+    layer = model.get_submodule(path)
+    other = layer.register_forward_hook(lambda m, i, o: o + 0.25)
+    with torch.no_grad():
+        layer.weight += 0.01  # what the built-in Lora does to a layer's weight
+    try:
+        with Session(model, [(a, 1.0)], gate=GateSettings(enabled=False)):
+            assert len(layer._forward_hooks) == 2
+            out = case.run(model, x, t, ctx)
+        ref = case.run(merged(model, [(a, 1.0)]), x, t, ctx)  # the copy keeps the other hook
+        assert len(layer._forward_hooks) == 1
+        assert _close(out, ref)
+    finally:
+        other.remove()
+        with torch.no_grad():
+            layer.weight -= 0.01
+    assert torch.allclose(case.run(model, x, t, ctx), base, atol=1e-5)
+
+
+def test_original_mode_reproduces_gamma_squared_and_cross_terms():
+    """The compatibility switch computes scale * (sum_i c_i U_i)(sum_j c_j D_j): the published bug."""
+    model = tiny_sd1(True)
+    case = CASES[1]
+    x, t, ctx, enc = case.inputs()
+    a = random_spm(model, ["circle"], rank=1, seed=1)
+    b = random_spm(model, ["square"], rank=1, seed=2)
+    with Session(model, [(a, 0.6), (b, 0.9)], gate=GateSettings(enabled=False), mode="original"):
+        out = case.run(model, x, t, ctx)
+    ref_model = tiny_sd1(True)
+    ref_model.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        for key, path in __import__("lib_spm").names.resolve(list(a.layers), ref_model).items():
+            la, lb = a.layers[key], b.layers[key]
+            U = 0.6 * la.up + 0.9 * lb.up
+            D = 0.6 * la.down + 0.9 * lb.down
+            ref_model.get_submodule(path).weight += la.scale * (U @ D)
+    assert _close(out, case.run(ref_model, x, t, ctx))
+    linear = case.run(merged(model, [(a, 0.6), (b, 0.9)]), x, t, ctx)
+    assert not _close(out, linear, tol=1e-3)  # the two modes really differ
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.bfloat16, 0.05), (torch.float16, 0.01)])
+def test_low_precision_model_with_fp32_spm(dtype, tol):
+    model = tiny_sd1(False)
+    case = CASES[0]
+    x, t, ctx, enc = case.inputs()
+    a = random_spm(model, ["circle"], rank=2, seed=1)
+    with Session(model, [(a, 1.0)], gate=GateSettings(enabled=False)):
+        ref = case.run(model, x, t, ctx)
+    model.to(dtype)
+    with Session(model, [(a, 1.0)], gate=GateSettings(enabled=False)):
+        out = case.run(model, x.to(dtype), t, ctx.to(dtype))
+    assert out.dtype == dtype
+    assert (out.float() - ref).abs().max() <= tol * ref.abs().max()
+
+
+def test_strength_is_linear_and_settable_while_attached():
+    model, case = tiny_sd1(True), CASES[1]
+    x, t, ctx, enc = case.inputs()
+    a = random_spm(model, ["circle"], seed=3)
+    base = case.run(model, x, t, ctx)
+    strengths, outs = (2.0, -1.0, 0.0), []
+    with Session(model, [(a, 1.0)], gate=GateSettings(enabled=False)) as s:
+        for strength in strengths:
+            s.set_strength(0, strength)
+            outs.append(case.run(model, x, t, ctx))
+    for strength, out in zip(strengths, outs):  # W + s * delta: linear in s, never s**2
+        assert _close(out, case.run(merged(model, [(a, strength)]), x, t, ctx))
+    assert torch.equal(outs[-1], base)
+    with pytest.raises(Exception, match="finite"):
+        Session(model, [(a, float("nan"))], gate=GateSettings(enabled=False))
+
+
+def test_failed_attach_leaves_no_hooks():
+    model = tiny_sd1(False)
+    good = random_spm(model, ["circle"], seed=1)
+    other = random_spm(tiny_sdxl(), ["square"], seed=2)  # keys of another architecture
+    before = hook_counts(model)
+    with pytest.raises(UnresolvedKeysError) as e:
+        Session(model, [(good, 1.0), (other, 1.0)], gate=GateSettings(enabled=False)).attach()
+    assert e.value.keys and all(k.startswith("lora_unet_") for k in e.value.keys)
+    assert hook_counts(model) == before
+    wide = random_spm(tiny_sd1(False), ["circle"], seed=1)
+    for lw in wide.layers.values():  # same names, wrong widths: an SDXL SPM on an SD1 model
+        lw.down = torch.zeros(lw.down.shape[0], lw.down.shape[1] * 2, *lw.down.shape[2:])
+    with pytest.raises(ArchitectureMismatch):
+        Session(model, [(wide, 1.0)], gate=GateSettings(enabled=False)).attach()
+    assert hook_counts(model) == before
+
+
+def test_architecture_label_decides_when_the_model_is_a_known_arch():
+    """An SDXL-labelled SPM on a model that reads 768-wide text (SD1) is refused by name;
+    a tiny model of no known architecture is judged by shapes alone."""
+    tiny = tiny_sd1(False)
+    spm = random_spm(tiny, ["circle"])
+    spm.metadata.arch = "sdxl"
+    Session(tiny, [(spm, 1.0)], gate=GateSettings(enabled=False)).attach().detach()
+    sd1_like = __import__("diffusers").UNet2DConditionModel(
+        sample_size=8, layers_per_block=1, block_out_channels=(8, 16), norm_num_groups=4,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=768, attention_head_dim=2,
+    )
+    spm = random_spm(sd1_like, ["circle"])
+    spm.metadata.arch = "sdxl"
+    with pytest.raises(ArchitectureMismatch, match="sdxl SPM; this UNet is sd1"):
+        Session(sd1_like, [(spm, 1.0)], gate=GateSettings(enabled=False)).attach()
+    assert hook_counts(sd1_like) == 0
+
+
+def test_runtime_errors_are_loud():
+    model, case = tiny_sd1(True), CASES[1]
+    x, t, ctx, enc = case.inputs()
+    a = random_spm(model, ["circle"])
+    with Session(model, [(a, 1.0)], encoder=enc, row_tokens=lambda n: [None] * (n + 1)):
+        with pytest.raises(SPMRuntimeError, match="rows"):
+            case.run(model, x, t, ctx)
+    layer_path = next(iter(a.layers))
+    with Session(model, [(a, 1.0)], encoder=enc) as s:
+        module = next(iter(s._layers.values())).module
+        with pytest.raises(SPMRuntimeError, match="outside"):
+            module(torch.randn(1, 3, module.in_features))
+    with pytest.raises(Exception, match="encoder"):
+        Session(model, [(a, 1.0)])  # gating on but nothing to encode concepts with
+    assert layer_path
