@@ -57,6 +57,13 @@ def _demo(args) -> int:
     return 0
 
 
+def _bench(args) -> int:
+    from .bench import bench_runtime
+
+    print(json.dumps(bench_runtime(args.arch, latent=args.latent, batch=args.batch, rounds=args.rounds), indent=2))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m lib_spm", description="Concept Semi-Permeable Membranes (SPM)")
     sub = p.add_subparsers(dest="command", required=True)
@@ -68,6 +75,14 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--out", default="demo_out")
     d.add_argument("--concept", default="circle")
     d.set_defaults(run=_demo)
+    b = sub.add_parser("bench", help="benchmarks (see BENCHMARKS.md)")
+    bsub = b.add_subparsers(dest="bench", required=True)
+    r = bsub.add_parser("runtime", help="UNet call time with 0/1/4/16 gated SPMs attached, full-size")
+    r.add_argument("--arch", choices=("sd1", "sd2", "sdxl"), default="sd1")
+    r.add_argument("--latent", type=int, default=32, help="latent side (64 = 512 px for SD1)")
+    r.add_argument("--batch", type=int, default=2)
+    r.add_argument("--rounds", type=int, default=5)
+    r.set_defaults(run=_bench)
     return p
 
 

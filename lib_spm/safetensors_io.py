@@ -40,6 +40,12 @@ def _check_suffix(path: Path) -> None:
         )
 
 
+def _refuse_pickle(path: Path, head: bytes) -> None:
+    # Only once the bytes failed as safetensors: a valid header length can begin with b"\x80\x02".
+    if head.startswith(_PICKLE_MAGICS):
+        raise SPMFormatError(f"{path.name}: this is a pickle/zip checkpoint renamed to .safetensors; refused")
+
+
 def read_header(path: str | os.PathLike) -> tuple[dict, dict[str, str], int]:
     """Return (tensor entries, metadata, data start) after validating the header completely."""
     path = Path(path)
@@ -50,12 +56,12 @@ def read_header(path: str | os.PathLike) -> tuple[dict, dict[str, str], int]:
             head = f.read(8)
             if len(head) < 8:
                 raise SPMFormatError(f"{path.name}: file is truncated ({size} bytes, no safetensors header)")
-            if head.startswith(_PICKLE_MAGICS):
-                raise SPMFormatError(f"{path.name}: this is a pickle/zip checkpoint renamed to .safetensors; refused")
             (n,) = struct.unpack("<Q", head)
             if n > MAX_HEADER_BYTES:
+                _refuse_pickle(path, head)
                 raise SPMFormatError(f"{path.name}: header of {n} bytes exceeds the {MAX_HEADER_BYTES}-byte limit")
             if 8 + n > size:
+                _refuse_pickle(path, head)
                 raise SPMFormatError(f"{path.name}: file is truncated (header says {n} bytes, file has {size})")
             raw = f.read(n)
     except OSError as e:
@@ -63,6 +69,7 @@ def read_header(path: str | os.PathLike) -> tuple[dict, dict[str, str], int]:
     try:
         header = json.loads(raw.decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        _refuse_pickle(path, head)
         raise SPMFormatError(f"{path.name}: header is not valid JSON ({e.__class__.__name__})") from None
     if not isinstance(header, dict):
         raise SPMFormatError(f"{path.name}: header is not a JSON object")

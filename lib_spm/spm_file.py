@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from . import archs
-from .errors import ArchitectureMismatch, SPMKeyError, SPMShapeError
+from .errors import ArchitectureMismatch, SPMKeyError, SPMShapeError, SPMValueError
 from .metadata import SPMMetadata, Slice
 from .safetensors_io import check_finite, read_file, write_file
 
@@ -167,8 +167,8 @@ def validate(layers: dict[str, LayerWeights], md: SPMMetadata, where: str) -> No
     check_finite({k: w.down for k, w in layers.items()}, where)
     check_finite({k: w.up for k, w in layers.items()}, where)
     for stem, w in layers.items():
-        if not (w.alpha > 0 and w.alpha == w.alpha and w.alpha != float("inf")):
-            raise SPMShapeError(f"{where}: layer {stem!r}: alpha {w.alpha} must be a positive number")
+        if not (0 < w.alpha < float("inf")):  # also false for NaN
+            raise SPMValueError(f"{where}: layer {stem!r}: alpha {w.alpha} must be a positive finite number")
     ranks = {w.rank for w in layers.values()}
     if len(ranks) != 1:
         raise SPMShapeError(f"{where}: layers have different ranks {sorted(ranks)}; an SPM has one rank")

@@ -481,3 +481,44 @@ def test_tiny_blocks_follow_structure(tiny):
     }[tag.replace("_linear", "")]
     for d, l in want.items():
         assert got[d] == l, d
+
+
+# -- a file this project saves, read the way the built-in Lora reads it --------------------------
+
+@pytest.mark.parametrize("tag,arch", [("sd15", "sd1"), ("sdxl", "sdxl")])
+def test_saved_file_loads_in_the_builtin_lora(tag, arch, tmp_path):
+    """networks.load_network: partition each key at its first dot, resolve the stem, and build a
+    NetworkModuleLora from lora_up/lora_down (+alpha); every key must land on a module of the
+    right shape, and the ss_* metadata must label the file with the right architecture."""
+    from lib_spm import load_spm
+    from lib_spm.zoo import write_zoo_file
+    from safetensors import safe_open
+
+    src = tmp_path / "zoo.safetensors"
+    write_zoo_file(src, ref(tag), ["snoopy"], rank=2, alpha=1.0)
+    spm = load_spm(src)
+    spm.metadata.name = "no_snoopy"
+    out = spm.save(tmp_path / "ours.safetensors")
+    fx = fixtures(tag)
+    modules = fx.modules
+    with safe_open(str(out), "pt") as f:
+        keys, md = list(f.keys()), f.metadata()
+        parts: dict[str, set] = {}
+        for key in keys:
+            stem, _, part = key.partition(".")
+            target = webui_resolve(stem, fx.mapping)
+            assert target is not None, key
+            parts.setdefault(target, set()).add(part)
+            m = modules[fx.mapping[target][len(ROOT):]]
+            if part == "lora_down.weight":
+                assert f.get_tensor(key).shape[1] == weight_shape_of(m)[1]
+            elif part == "lora_up.weight":
+                assert f.get_tensor(key).shape[0] == weight_shape_of(m)[0]
+    assert all(p == {"lora_down.weight", "lora_up.weight", "alpha"} for p in parts.values())
+    assert len(parts) == len(spm.layers)
+    assert md["ss_base_model_version"].startswith("sdxl_") == (arch == "sdxl")
+    assert md["ss_output_name"] == "no_snoopy" and md["ss_network_dim"] == "2"
+
+
+def weight_shape_of(fixture_module: dict) -> list[int]:
+    return fixture_module["params"]["weight"]

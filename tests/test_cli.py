@@ -1,0 +1,143 @@
+"""``python -m lib_spm inspect``: real subprocesses on full-size zoo files, a tiny one and bad files.
+
+Each subprocess costs seconds (torch, diffusers), so all of them are started at once in one
+module fixture and the tests read their results.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from lib_spm import archs
+from lib_spm.cli import main
+from lib_spm.zoo import write_zoo_file
+from models import tiny_sd1
+
+ROOT = Path(__file__).resolve().parent.parent
+PROMPTS = ["van gogh", "picasso"]
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    d = tmp_path_factory.mktemp("cli")
+    paths = {
+        "sd1": d / "sd1 zoo.safetensors",  # a space in the name, as users' files have
+        "sdxl": d / "sdxl_zoo.safetensors",
+        "tiny": d / "tiny.safetensors",
+        "garbage": d / "garbage.safetensors",
+        "pickle": d / "pickle.safetensors",
+    }
+    write_zoo_file(paths["sd1"], archs.reference_unet("sd1"), PROMPTS, dtype=torch.float16)
+    write_zoo_file(paths["sdxl"], archs.reference_unet("sdxl"), PROMPTS, alpha=0.5, dtype=torch.bfloat16)
+    write_zoo_file(paths["tiny"], tiny_sd1(False), ["cat"], rank=2)
+    paths["garbage"].write_bytes(bytes(range(256)) * 16)
+    buf = io.BytesIO()
+    torch.save({"state_dict": {"w": torch.zeros(3)}}, buf)
+    paths["pickle"].write_bytes(buf.getvalue())
+    return paths
+
+
+@pytest.fixture(scope="module")
+def runs(files):
+    """Start every CLI call in parallel; return {name: CompletedProcess-like (rc, stdout, stderr)}."""
+    calls = {
+        "sd1_json": ["inspect", str(files["sd1"]), "--json"],
+        "sd1_text": ["inspect", str(files["sd1"])],
+        "sdxl_json": ["inspect", "--json", str(files["sdxl"])],
+        "tiny_json": ["inspect", str(files["tiny"]), "--json"],
+        "garbage": ["inspect", str(files["garbage"]), "--json"],
+        "pickle": ["inspect", str(files["pickle"])],
+    }
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    procs = {
+        name: subprocess.Popen([sys.executable, "-m", "lib_spm", *argv], cwd=ROOT, env=env,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for name, argv in calls.items()
+    }
+    out = {}
+    for name, p in procs.items():
+        stdout, stderr = p.communicate(timeout=300)
+        out[name] = subprocess.CompletedProcess(p.args, p.returncode, stdout, stderr)
+    return out
+
+
+def _ok_json(run) -> dict:
+    assert run.returncode == 0, run.stderr
+    assert "Traceback" not in run.stderr
+    return json.loads(run.stdout)
+
+
+@pytest.mark.parametrize(
+    "run,kind,arch,layers,params,alpha,dtype",
+    [
+        ("sd1_json", "sd1", "sd1", 192, 423_936, 1.0, "float16"),
+        ("sdxl_json", "sdxl", "sdxl", 722, 2_659_840, 0.5, "bfloat16"),
+    ],
+)
+def test_inspect_json_full_size(runs, files, run, kind, arch, layers, params, alpha, dtype):
+    info = _ok_json(runs[run])
+    path = files[kind]
+    assert info["architecture"] == arch
+    assert info["format"] == "original model zoo"
+    assert info["rank"] == 1
+    assert info["alpha"] == alpha
+    assert info["targets"] == PROMPTS
+    assert info["layers"] == layers
+    assert info["parameters"] == params
+    assert info["dtype"] == dtype
+    assert info["file"] == str(path)
+    assert info["name"] == path.stem
+    assert info["sha256"] == hashlib.sha256(path.read_bytes()).hexdigest()
+    assert info["slices"] == [{"name": path.stem, "concepts": PROMPTS, "rank": 1}]
+    assert info["webui_builtin_lora"]["loads"] is True
+    assert f"all {layers} layers" in info["webui_builtin_lora"]["detail"]
+
+
+def test_inspect_text(runs):
+    run = runs["sd1_text"]
+    assert run.returncode == 0 and run.stderr == ""
+    lines = {line.split("  ")[0].strip(): line.split("  ", 1)[1].strip() for line in run.stdout.splitlines()}
+    assert lines["architecture"] == "sd1"
+    assert lines["format"] == "original model zoo"
+    assert lines["rank"] == "1"
+    assert lines["parameters"] == "423936"
+    assert json.loads(lines["targets"]) == PROMPTS
+    assert lines["webui builtin lora"].startswith("yes (all 192 layers")
+
+
+def test_inspect_tiny_model_file(runs, files):
+    info = _ok_json(runs["tiny_json"])
+    assert info["architecture"] == "unknown"
+    assert info["rank"] == 2 and info["targets"] == ["cat"]
+    assert info["format"] == "original model zoo"
+    assert info["webui_builtin_lora"]["loads"] is False
+    assert "architecture unknown" in info["webui_builtin_lora"]["detail"]
+
+
+@pytest.mark.parametrize("run", ["garbage", "pickle"])
+def test_inspect_bad_file(runs, files, run):
+    r = runs[run]
+    assert r.returncode == 2
+    assert r.stdout == ""
+    lines = r.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), r.stderr
+    assert files[run].name in lines[0]
+    assert "Traceback" not in r.stderr
+
+
+def test_main_in_process_missing_file(tmp_path, capsys):
+    """The same contract without a subprocess: a missing file is one line and exit code 2."""
+    code = main(["inspect", str(tmp_path / "missing.safetensors")])
+    captured = capsys.readouterr()
+    assert code == 2 and captured.out == ""
+    assert captured.err.count("\n") == 1 and captured.err.startswith("error: ")
+    assert "missing.safetensors" in captured.err
