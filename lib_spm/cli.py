@@ -64,6 +64,21 @@ def _bench(args) -> int:
     return 0
 
 
+def _world_train(args) -> int:
+    from .world.train_world import train_world
+
+    train_world(args.out, args.steps, batch=args.batch, lr=args.lr, resume=args.resume, threads=args.threads,
+                save_every=args.save_every, seed=args.seed)
+    return 0
+
+
+def _world_classifier(args) -> int:
+    from .world.train_world import train_classifier
+
+    acc = train_classifier(args.out, steps=args.steps)
+    return 0 if acc >= 0.99 else 1
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m lib_spm", description="Concept Semi-Permeable Membranes (SPM)")
     sub = p.add_subparsers(dest="command", required=True)
@@ -83,6 +98,22 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--batch", type=int, default=2)
     r.add_argument("--rounds", type=int, default=5)
     r.set_defaults(run=_bench)
+    w = sub.add_parser("world", help="train the shapes world (the shipped weights came from these commands)")
+    wsub = w.add_subparsers(dest="world", required=True)
+    wt = wsub.add_parser("train", help="train the text-to-image world model from scratch (or --resume)")
+    wt.add_argument("--out", required=True)
+    wt.add_argument("--steps", type=int, default=12000)
+    wt.add_argument("--batch", type=int, default=64)
+    wt.add_argument("--lr", type=float, default=6e-4)
+    wt.add_argument("--seed", type=int, default=0)
+    wt.add_argument("--save-every", type=int, default=250)
+    wt.add_argument("--threads", type=int, default=None)
+    wt.add_argument("--resume", action="store_true")
+    wt.set_defaults(run=_world_train)
+    wc = wsub.add_parser("classifier", help="train the judge on clean renders (fails below 99% accuracy)")
+    wc.add_argument("--out", required=True)
+    wc.add_argument("--steps", type=int, default=1500)
+    wc.set_defaults(run=_world_classifier)
     return p
 
 
