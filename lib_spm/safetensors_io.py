@@ -16,7 +16,6 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import load as _st_load
-from safetensors.torch import save as _st_save
 
 from .errors import SPMFormatError, SPMValueError
 
@@ -122,6 +121,28 @@ def check_finite(tensors: dict[str, torch.Tensor], where: str) -> None:
             raise SPMValueError(f"{where}: tensor {key!r} contains NaN or Inf")
 
 
+_NAMES = {dt: name for name, (dt, _) in DTYPES.items()}
+_NAMES[torch.uint8] = "U8"
+
+
+def serialize(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> bytes:
+    """safetensors bytes, deterministic: sorted metadata and tensor keys (the library's own writer
+    orders metadata by hash, so the same SPM would not give the same file twice)."""
+    header: dict = {"__metadata__": dict(sorted(metadata.items()))} if metadata else {}
+    chunks, offset = [], 0
+    for key in sorted(tensors):
+        t = tensors[key].detach().contiguous().cpu()
+        if t.dtype not in _NAMES:
+            raise SPMValueError(f"cannot store {key!r} as {t.dtype}")
+        raw = t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b""
+        header[key] = {"dtype": _NAMES[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + len(raw)]}
+        chunks.append(raw)
+        offset += len(raw)
+    head = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    head += b" " * (-len(head) % 8)  # the data must start 8-byte aligned
+    return struct.pack("<Q", len(head)) + head + b"".join(chunks)
+
+
 def write_file(
     path: str | os.PathLike,
     tensors: dict[str, torch.Tensor],
@@ -138,7 +159,7 @@ def write_file(
     if path.exists() and not overwrite:
         raise FileExistsError(f"{path} exists; pass overwrite=True to replace it")
     check_finite(tensors, path.name)
-    blob = _st_save({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, metadata=metadata)
+    blob = serialize(tensors, metadata)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:

@@ -1,0 +1,343 @@
+"""Data-free SPM training (SPM_METHOD.md), host-agnostic behind a small backend protocol.
+
+Per iteration: pick a target concept, denoise random latents to a random step with the adapter
+on, then fit the adapter's prediction on the target to ``eps(c_n) - g * (eps(c_t) - eps(c_n))``
+(erase towards the surrogate ``c_n``) while Latent Anchoring keeps it equal to the frozen model
+on random anchor embeddings. Frozen predictions come from the same UNet with the adapter off.
+
+All randomness flows from one seeded ``torch.Generator``; a checkpoint stores its state with the
+adapter and optimizer (safetensors, no pickle), so a resumed run ends bit-identical to an
+uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable, Protocol
+
+import torch
+import torch.nn.functional as F
+
+from .adapter import TrainableAdapter
+from .errors import SPMValueError
+from .metadata import SPMMetadata
+from .safetensors_io import read_file, write_file
+
+CHECKPOINT_FORMAT = "sd-webui-spm-train-checkpoint/1"
+
+
+@dataclass
+class Conditioning:
+    """What one prompt gives the UNet: the cross-attention context, plus SDXL's added inputs."""
+
+    context: torch.Tensor  # [n, L, D]
+    added: dict[str, torch.Tensor] | None = None  # SDXL: text_embeds [n, P], time_ids [n, 6]
+
+    def __len__(self):
+        return self.context.shape[0]
+
+    @staticmethod
+    def cat(parts: list["Conditioning"]) -> "Conditioning":
+        added = None
+        if parts[0].added is not None:
+            added = {k: torch.cat([p.added[k] for p in parts]) for k in parts[0].added}
+        return Conditioning(torch.cat([p.context for p in parts]), added)
+
+    def repeat(self, n: int) -> "Conditioning":
+        return Conditioning.cat([self] * n)
+
+
+class Backend(Protocol):
+    """What the trainer needs from a host. Diffusers models, the WebUI and the shapes world fit it."""
+
+    unet: torch.nn.Module
+    alphas_cumprod: torch.Tensor  # [T], on any device
+    latent_shape: tuple[int, int, int]  # (C, H, W) of the latents to train at
+
+    def encode(self, prompts: list[str]) -> Conditioning: ...
+
+    def predict_eps(self, x: torch.Tensor, t: torch.Tensor, cond: Conditioning) -> torch.Tensor:
+        """Noise prediction at (x_t, t); v-prediction models convert v to epsilon here."""
+
+
+class DiffusersBackend:
+    """A diffusers ``UNet2DConditionModel`` with an encode function (SD1/SD2/SDXL, eps or v)."""
+
+    def __init__(self, unet, encode: Callable[[list[str]], Conditioning], alphas_cumprod: torch.Tensor,
+                 latent_shape: tuple[int, int, int], prediction_type: str = "epsilon"):
+        if prediction_type not in ("epsilon", "v_prediction"):
+            raise SPMValueError(f"unsupported prediction type {prediction_type!r}")
+        self.unet, self._encode = unet, encode
+        self.alphas_cumprod = alphas_cumprod.float()
+        self.latent_shape = tuple(latent_shape)
+        self.prediction_type = prediction_type
+
+    def encode(self, prompts):
+        return self._encode(prompts)
+
+    def predict_eps(self, x, t, cond):
+        kw = {"added_cond_kwargs": cond.added} if cond.added is not None else {}
+        out = self.unet(x, t, cond.context, **kw).sample
+        if self.prediction_type == "epsilon":
+            return out
+        a = self.alphas_cumprod.to(x.device)[t].view(-1, 1, 1, 1)
+        return a.sqrt() * out + (1 - a).sqrt() * x  # v -> eps
+
+
+@dataclass
+class TrainConfig:
+    targets: list[str]
+    surrogates: dict[str, str] = field(default_factory=dict)  # concept -> surrogate; default ""
+    templates: list[str] = field(default_factory=lambda: ["{}"])
+    guidance: float = 1.0  # erase guidance g
+    iterations: int = 3000
+    lr: float = 1e-4
+    warmup: int = 50
+    weight_decay: float = 0.01
+    rank: int = 1
+    alpha: float = 1.0
+    la_strength: float = 1000.0
+    anchors: int = 4
+    max_denoising_steps: int = 30
+    denoise_cfg: float = 3.0
+    batch: int = 1
+    seed: int = 0
+    name: str = "spm"
+    description: str = ""
+    arch: str | None = None
+
+    def __post_init__(self):
+        if not self.targets or not all(t.strip() for t in self.targets):
+            raise SPMValueError("give at least one non-empty target concept")
+        if any("{}" not in t for t in self.templates):
+            raise SPMValueError("every prompt template needs a {} for the concept")
+        for name in ("iterations", "rank", "max_denoising_steps", "batch"):
+            if getattr(self, name) < 1:
+                raise SPMValueError(f"{name} must be at least 1")
+        if self.max_denoising_steps < 2:
+            raise SPMValueError("max_denoising_steps must be at least 2")
+        for name in ("lr", "alpha"):
+            if not (0 < getattr(self, name) < math.inf):
+                raise SPMValueError(f"{name} must be a positive number")
+        if self.anchors < 0 or self.la_strength < 0:
+            raise SPMValueError("anchors and la_strength cannot be negative")
+
+    def recipe(self) -> dict:
+        d = asdict(self)
+        for k in ("targets", "surrogates", "name", "description", "arch"):
+            d.pop(k)
+        return d
+
+
+@dataclass
+class TrainStatus:
+    step: int
+    total: int
+    loss: float
+    erase_loss: float
+    anchor_loss: float
+    lr: float
+    seconds: float
+    eta_seconds: float
+    passes: int  # UNet sample-passes this iteration
+
+
+@dataclass
+class TrainResult:
+    spm_path: Path
+    steps: int
+    cancelled: bool
+    history: list[TrainStatus]
+    seconds: float
+    checkpoint_path: Path | None
+
+
+def _lr_at(cfg: TrainConfig, step: int) -> float:
+    warm = min(1.0, (step + 1) / max(cfg.warmup, 1))
+    return cfg.lr * warm * 0.5 * (1 + math.cos(math.pi * step / cfg.iterations))
+
+
+class Trainer:
+    def __init__(self, backend: Backend, cfg: TrainConfig):
+        self.backend, self.cfg = backend, cfg
+        self.device = next(backend.unet.parameters()).device
+        self.gen = torch.Generator().manual_seed(cfg.seed)
+        self.adapter = TrainableAdapter(backend.unet, rank=cfg.rank, alpha=cfg.alpha, generator=self.gen)
+        self.opt = torch.optim.AdamW(self.adapter.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+        self.step = 0
+        acp = backend.alphas_cumprod.float()
+        n, T = cfg.max_denoising_steps, acp.shape[0]
+        self.timesteps = (torch.arange(n) * (T // n) + 1).flip(0).clamp(max=T - 1)  # diffusers "leading"
+        self.acp = acp.to(self.device)
+        self._prompts = [(c, tpl) for c in cfg.targets for tpl in cfg.templates]
+        self._cond_cache: dict[str, Conditioning] = {}
+
+    # -- pieces ---------------------------------------------------------------------------------
+    def _cond(self, prompt: str) -> Conditioning:
+        if prompt not in self._cond_cache:
+            with torch.no_grad():
+                c = self.backend.encode([prompt])
+            self._cond_cache[prompt] = Conditioning(c.context.detach(), c.added and {k: v.detach() for k, v in c.added.items()})
+        return self._cond_cache[prompt]
+
+    def _randn(self, *shape) -> torch.Tensor:
+        return torch.randn(*shape, generator=self.gen).to(self.device)
+
+    def _anchors(self, target: torch.Tensor, k: int) -> torch.Tensor:
+        """k embeddings: random directions, kept with probability 1 - cos(., target), at |target| x U(.8, 1.2)."""
+        flat = target.flatten().float().cpu()
+        norm = flat.norm()
+        out = []
+        for _ in range(100 * k):
+            if len(out) == k:
+                break
+            d = torch.randn(flat.shape, generator=self.gen)
+            cos = F.cosine_similarity(d, flat, dim=0).clamp(-1, 1)
+            if torch.rand((), generator=self.gen) < 1 - cos:
+                scale = norm * (0.8 + 0.4 * torch.rand((), generator=self.gen))
+                out.append(d / d.norm() * scale)
+        return torch.stack(out).view(k, *target.shape[1:]).to(target.device, target.dtype)
+
+    def _ddim_to(self, x: torch.Tensor, idx: int, cond: Conditioning, uncond: Conditioning) -> torch.Tensor:
+        both = Conditioning.cat([uncond.repeat(len(x)), cond.repeat(len(x))])
+        for i in range(idx):
+            t, t_prev = self.timesteps[i], self.timesteps[i + 1]
+            eps_u, eps_c = self.backend.predict_eps(torch.cat([x, x]), t.repeat(2 * len(x)).to(self.device), both).chunk(2)
+            eps = eps_u + self.cfg.denoise_cfg * (eps_c - eps_u)
+            a, ap = self.acp[t], self.acp[t_prev]
+            x0 = (x - (1 - a).sqrt() * eps) / a.sqrt()
+            x = ap.sqrt() * x0 + (1 - ap).sqrt() * eps
+        return x
+
+    # -- one iteration --------------------------------------------------------------------------
+    def iteration(self) -> TrainStatus:
+        cfg, t0 = self.cfg, time.time()
+        pick = int(torch.randint(len(self._prompts), (), generator=self.gen))
+        concept, template = self._prompts[pick]
+        c_t = self._cond(template.format(concept))
+        c_n = self._cond(template.format(cfg.surrogates[concept]) if cfg.surrogates.get(concept) else "")
+        uncond = self._cond("")
+        idx = int(torch.randint(1, cfg.max_denoising_steps, (), generator=self.gen))
+        B = cfg.batch
+        x = self._randn(B, *self.backend.latent_shape)
+        with torch.no_grad():
+            x = self._ddim_to(x, idx, c_t, uncond)
+        t = self.timesteps[idx].repeat(B).to(self.device)
+        k = cfg.anchors if cfg.la_strength > 0 else 0
+        anchors = [Conditioning(self._anchors(c_t.context, 1), c_n.added) for _ in range(k)]
+        frozen_conds = Conditioning.cat([c_t.repeat(B), c_n.repeat(B)] + [a.repeat(B) for a in anchors])
+        with torch.no_grad(), self.adapter.disabled():
+            frozen = self.backend.predict_eps(x.repeat(2 + k, 1, 1, 1), t.repeat(2 + k), frozen_conds)
+        eps_t, eps_n, eps_a = frozen[:B], frozen[B : 2 * B], frozen[2 * B :]
+        live_conds = Conditioning.cat([c_t.repeat(B)] + [a.repeat(B) for a in anchors])
+        live = self.backend.predict_eps(x.repeat(1 + k, 1, 1, 1), t.repeat(1 + k), live_conds)
+        erase = F.mse_loss(live[:B], eps_n - cfg.guidance * (eps_t - eps_n))
+        anchor = F.mse_loss(live[B:], eps_a) if k else torch.zeros((), device=self.device)
+        loss = erase + cfg.la_strength * anchor
+        lr = _lr_at(cfg, self.step)
+        for g in self.opt.param_groups:
+            g["lr"] = lr
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        self.opt.step()
+        self.step += 1
+        passes = 2 * B * idx + (2 + k) * B + (1 + k) * B
+        return TrainStatus(self.step, cfg.iterations, loss.item(), erase.item(), anchor.item(), lr,
+                           time.time() - t0, 0.0, passes)
+
+    # -- files ----------------------------------------------------------------------------------
+    def metadata(self) -> SPMMetadata:
+        cfg = self.cfg
+        recipe = {**cfg.recipe(), "steps_done": self.step}
+        return SPMMetadata(targets=list(cfg.targets), surrogates=dict(cfg.surrogates), arch=cfg.arch,
+                           name=cfg.name, description=cfg.description, recipe=recipe)
+
+    def save_spm(self, path: str | Path, overwrite: bool = True) -> Path:
+        return self.adapter.to_spm(self.metadata()).save(path, overwrite=overwrite)
+
+    def save_checkpoint(self, path: str | Path) -> Path:
+        tensors = dict(self.adapter.state_tensors())
+        opt = self.opt.state_dict()
+        for i, st in opt["state"].items():
+            for name, v in st.items():
+                tensors[f"opt.{i}.{name}"] = torch.as_tensor(v).float().reshape(-1) if name == "step" else v.detach().cpu()
+        tensors["rng"] = self.gen.get_state().float()  # bytes as exact floats: SPM I/O admits float dtypes only
+        md = {"format": CHECKPOINT_FORMAT, "step": str(self.step), "config": json.dumps(asdict(self.cfg))}
+        return write_file(path, tensors, md, overwrite=True)
+
+    def load_checkpoint(self, path: str | Path) -> None:
+        tensors, md = read_file(path)
+        if md.get("format") != CHECKPOINT_FORMAT:
+            raise SPMValueError(f"{Path(path).name} is not an SPM training checkpoint")
+        saved = TrainConfig(**json.loads(md["config"]))
+        mine = asdict(self.cfg)
+        theirs = asdict(saved)
+        diff = [k for k in mine if k != "iterations" and mine[k] != theirs[k]]
+        if diff:
+            raise SPMValueError(f"checkpoint was made with other settings: {', '.join(diff)}")
+        self.adapter.load_state_tensors(tensors)
+        params = list(self.adapter.parameters())
+        state = {}
+        for i in range(len(params)):
+            if f"opt.{i}.exp_avg" in tensors:
+                state[i] = {"step": tensors[f"opt.{i}.step"].reshape(()),
+                            "exp_avg": tensors[f"opt.{i}.exp_avg"].to(self.device),
+                            "exp_avg_sq": tensors[f"opt.{i}.exp_avg_sq"].to(self.device)}
+        sd = self.opt.state_dict()
+        sd["state"] = state
+        self.opt.load_state_dict(sd)
+        self.gen.set_state(tensors["rng"].to(torch.uint8))
+        self.step = int(md["step"])
+
+
+def train_spm(
+    backend: Backend,
+    cfg: TrainConfig,
+    out_path: str | Path,
+    *,
+    on_step: Callable[[TrainStatus], None] | None = None,
+    should_stop: Callable[[], bool] | None = None,
+    checkpoint_every: int = 0,
+    resume_from: str | Path | None = None,
+) -> TrainResult:
+    """Train, calling ``on_step`` each iteration; ``should_stop`` cancels (what exists is saved).
+
+    The checkpoint lives next to the output as ``<name>.ckpt.safetensors``.
+    """
+    out_path = Path(out_path)
+    ckpt = out_path.with_name(out_path.stem + ".ckpt.safetensors")
+    trainer = Trainer(backend, cfg)
+    if resume_from is not None:
+        trainer.load_checkpoint(resume_from)
+    was_training = backend.unet.training
+    frozen = [p for p in backend.unet.parameters() if p.requires_grad]
+    for p in frozen:
+        p.requires_grad_(False)
+    history, cancelled, t0 = [], False, time.time()
+    trainer.adapter.attach()
+    try:
+        while trainer.step < cfg.iterations:
+            if should_stop is not None and should_stop():
+                cancelled = True
+                break
+            st = trainer.iteration()
+            elapsed = time.time() - t0
+            done = len(history) + 1
+            st.eta_seconds = elapsed / done * (cfg.iterations - trainer.step)
+            history.append(st)
+            if on_step is not None:
+                on_step(st)
+            if checkpoint_every and trainer.step % checkpoint_every == 0:
+                trainer.save_checkpoint(ckpt)
+    finally:
+        trainer.adapter.detach()
+        backend.unet.train(was_training)
+        for p in frozen:
+            p.requires_grad_(True)
+    saved_ckpt = trainer.save_checkpoint(ckpt) if (checkpoint_every or cancelled) else None
+    path = trainer.save_spm(out_path)
+    return TrainResult(path, trainer.step, cancelled, history, time.time() - t0, saved_ckpt)

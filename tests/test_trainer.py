@@ -1,0 +1,192 @@
+"""The trainer's mechanics on tiny seeded models: seconds each, no network."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from diffusers import DDPMScheduler
+
+from lib_spm import SPMValueError, load_spm
+from lib_spm.trainer import Conditioning, DiffusersBackend, TrainConfig, Trainer, train_spm
+from models import CTX, ToyEncoder, sdxl_added, tiny_sd1, tiny_sdxl
+from spm_helpers import hook_counts
+
+ACP = DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012).alphas_cumprod
+
+
+class LoudEncoder(ToyEncoder):
+    """Toy encodings scaled up so that text visibly steers the tiny random UNet."""
+
+    def encode(self, texts):
+        return super().encode(texts) * 4
+
+
+def sd1_backend(seed=0):
+    enc = LoudEncoder()
+    return DiffusersBackend(tiny_sd1(True, seed=seed), lambda ps: Conditioning(enc.encode(ps)), ACP, (4, 8, 8))
+
+
+def cfg(**kw):
+    base = dict(targets=["circle"], iterations=6, lr=5e-3, warmup=1, max_denoising_steps=4, anchors=2,
+                la_strength=10.0, seed=3, name="no_circle", arch=None)
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def _probe(trainer: Trainer, n=4):
+    """Erase error on fixed inputs: how far the adapted prediction is from the erase target."""
+    g = torch.Generator().manual_seed(99)
+    x = torch.randn(n, *trainer.backend.latent_shape, generator=g)
+    t = torch.tensor([200, 400, 600, 800][:n])
+    c_t = trainer._cond("circle").repeat(n)
+    c_n = trainer._cond("").repeat(n)
+    trainer.adapter.attach()
+    try:
+        with torch.no_grad():
+            with trainer.adapter.disabled():
+                eps_t = trainer.backend.predict_eps(x, t, c_t)
+                eps_n = trainer.backend.predict_eps(x, t, c_n)
+            live = trainer.backend.predict_eps(x, t, c_t)
+    finally:
+        trainer.adapter.detach()
+    return F.mse_loss(live, eps_n - trainer.cfg.guidance * (eps_t - eps_n)).item()
+
+
+def test_erase_error_drops_with_training():
+    tr = Trainer(sd1_backend(), cfg(iterations=40, la_strength=0.0, anchors=0, lr=2e-2, max_denoising_steps=3))
+    before = _probe(tr)
+    tr.backend.unet.requires_grad_(False)
+    tr.adapter.attach()
+    for _ in range(40):
+        tr.iteration()
+    tr.adapter.detach()
+    after = _probe(tr)
+    assert before > 0
+    assert after < 0.5 * before
+
+
+def test_anchors_follow_the_acceptance_rule_and_norms():
+    tr = Trainer(sd1_backend(), cfg())
+    target = torch.tensor([[[3.0, 4.0]]])  # [1, L=1, D=2]: cosines spread over [-1, 1]
+    a = torch.cat([tr._anchors(target, 50) for _ in range(40)]).view(-1, 2)
+    norms = a.norm(dim=1)
+    assert ((norms >= 0.8 * 5 - 1e-4) & (norms <= 1.2 * 5 + 1e-4)).all()
+    cos = F.cosine_similarity(a, target.view(1, 2), dim=1)
+    # kept with probability min(1, 1 - cos): for uniform angles in 2-D the kept cosines average
+    # (-pi/2) / (2 pi - 2) = -0.367; without the rule they would average 0
+    assert -0.43 < cos.mean().item() < -0.31
+    full = tr._cond("circle").context
+    assert tr._anchors(full, 3).shape == (3, *full.shape[1:])
+
+
+def test_checkpoint_resume_is_bit_identical_to_an_uninterrupted_run(tmp_path):
+    straight = train_spm(sd1_backend(), cfg(), tmp_path / "a.safetensors")
+    stop_at = {"n": 0}
+
+    def stop():
+        stop_at["n"] += 1
+        return stop_at["n"] > 3
+
+    part = train_spm(sd1_backend(), cfg(), tmp_path / "b.safetensors", should_stop=stop)
+    assert part.cancelled and part.steps == 3 and part.checkpoint_path.exists()
+    assert load_spm(part.spm_path).metadata.recipe["steps_done"] == 3  # cancel saves what it has
+    resumed = train_spm(sd1_backend(), cfg(), tmp_path / "b.safetensors", resume_from=part.checkpoint_path)
+    assert resumed.steps == 6 and not resumed.cancelled
+    assert (tmp_path / "a.safetensors").read_bytes() == (tmp_path / "b.safetensors").read_bytes()
+
+
+def test_same_seed_same_file_other_seed_other_file(tmp_path):
+    train_spm(sd1_backend(), cfg(iterations=3), tmp_path / "a.safetensors")
+    train_spm(sd1_backend(), cfg(iterations=3), tmp_path / "b.safetensors")
+    train_spm(sd1_backend(), cfg(iterations=3, seed=4), tmp_path / "c.safetensors")
+    a, b, c = ((tmp_path / f"{n}.safetensors").read_bytes() for n in "abc")
+    assert a == b and a != c
+
+
+def test_resume_refuses_other_settings(tmp_path):
+    part = train_spm(sd1_backend(), cfg(iterations=2), tmp_path / "a.safetensors", checkpoint_every=1)
+    with pytest.raises(SPMValueError, match="rank"):
+        train_spm(sd1_backend(), cfg(iterations=4, rank=2), tmp_path / "b.safetensors", resume_from=part.checkpoint_path)
+    with pytest.raises(SPMValueError, match="not an SPM training checkpoint"):
+        train_spm(sd1_backend(), cfg(), tmp_path / "c.safetensors", resume_from=part.spm_path)
+
+
+def test_saved_file_carries_the_recipe_and_targets(tmp_path):
+    c = cfg(targets=["circle", "red disc, large"], surrogates={"circle": "square"}, description="test", iterations=2)
+    seen = []
+    res = train_spm(sd1_backend(), c, tmp_path / "x.safetensors", on_step=seen.append)
+    spm = load_spm(res.spm_path)
+    assert spm.metadata.targets == ["circle", "red disc, large"]
+    assert spm.metadata.surrogates == {"circle": "square"}
+    assert spm.metadata.name == "no_circle" and spm.metadata.description == "test"
+    assert spm.metadata.recipe["la_strength"] == 10.0 and spm.metadata.recipe["steps_done"] == 2
+    assert [s.step for s in seen] == [1, 2] and all(s.passes > 0 for s in seen)
+    assert seen[-1].eta_seconds == 0.0 and seen[0].eta_seconds > 0
+
+
+def test_training_never_touches_the_model(tmp_path):
+    be = sd1_backend()
+    before = {k: v.clone() for k, v in be.unet.state_dict().items()}
+    grads = [p.requires_grad for p in be.unet.parameters()]
+    hooks = hook_counts(be.unet)
+    train_spm(be, cfg(iterations=3), tmp_path / "x.safetensors")
+    assert all(torch.equal(before[k], v) for k, v in be.unet.state_dict().items())
+    assert [p.requires_grad for p in be.unet.parameters()] == grads
+    assert hook_counts(be.unet) == hooks
+
+
+def test_adapter_off_is_the_frozen_model():
+    be = sd1_backend()
+    tr = Trainer(be, cfg())
+    with torch.no_grad():
+        for p in tr.adapter.up:
+            p.normal_()
+    x, t, c = torch.randn(2, 4, 8, 8), torch.tensor([100, 700]), tr._cond("circle").repeat(2)
+    with torch.no_grad():
+        base = be.predict_eps(x, t, c)
+        tr.adapter.attach()
+        with tr.adapter.disabled():
+            off = be.predict_eps(x, t, c)
+        on = be.predict_eps(x, t, c)
+        tr.adapter.detach()
+    assert torch.equal(off, base) and not torch.allclose(on, base)
+
+
+def test_sdxl_style_conditioning_trains(tmp_path):
+    enc = LoudEncoder()
+    added = sdxl_added(1)
+
+    def encode(ps):
+        return Conditioning(enc.encode(ps), {k: v.repeat(len(ps), 1) for k, v in added.items()})
+
+    be = DiffusersBackend(tiny_sdxl(), encode, ACP, (4, 8, 8))
+    res = train_spm(be, cfg(iterations=2), tmp_path / "xl.safetensors")
+    assert load_spm(res.spm_path).parameter_count > 0
+
+
+def test_v_prediction_is_converted_to_epsilon():
+    class PerfectV(torch.nn.Module):
+        """Knows the true x0 and noise; answers v = sqrt(a) eps - sqrt(1-a) x0."""
+
+        def __init__(self, x0, eps):
+            super().__init__()
+            self.x0, self.eps, self.w = x0, eps, torch.nn.Parameter(torch.zeros(()))
+
+        def forward(self, x, t, ctx, **kw):
+            a = ACP[t].view(-1, 1, 1, 1)
+            return type("Out", (), {"sample": a.sqrt() * self.eps - (1 - a).sqrt() * self.x0})()
+
+    x0, eps = torch.randn(2, 4, 8, 8), torch.randn(2, 4, 8, 8)
+    t = torch.tensor([50, 900])
+    a = ACP[t].view(-1, 1, 1, 1)
+    x_t = a.sqrt() * x0 + (1 - a).sqrt() * eps
+    be = DiffusersBackend(PerfectV(x0, eps), None, ACP, (4, 8, 8), prediction_type="v_prediction")
+    assert torch.allclose(be.predict_eps(x_t, t, Conditioning(torch.zeros(2, 1, CTX))), eps, atol=1e-4)
+
+
+@pytest.mark.parametrize("bad", [dict(targets=[]), dict(targets=[" "]), dict(templates=["no slot"]),
+                                 dict(iterations=0), dict(lr=0.0), dict(max_denoising_steps=1), dict(anchors=-1)])
+def test_bad_settings_are_refused(bad):
+    with pytest.raises(SPMValueError):
+        cfg(**bad)
