@@ -79,6 +79,80 @@ def _world_classifier(args) -> int:
     return 0 if acc >= 0.99 else 1
 
 
+def _world_eval(args) -> int:
+    from .world.model import load_world
+    from .world.pipeline import WorldPipeline, accuracy, eval_prompts
+
+    pipe = WorldPipeline(load_world(args.weights) if args.weights else load_world())
+    res = accuracy(pipe, eval_prompts(), n=args.n, seed=args.seed, steps=args.steps, cfg=args.cfg)
+    shape = sum(r["shape"] for r in res.values()) / len(res)
+    colour = sum(r["colour"] for r in res.values()) / len(res)
+    print(json.dumps({"shape_accuracy": round(shape, 4), "colour_accuracy": round(colour, 4), "per_prompt": res}
+                     if args.json else {"shape_accuracy": round(shape, 4), "colour_accuracy": round(colour, 4),
+                                        "worst": sorted(res.items(), key=lambda kv: kv[1]["shape"])[:5]}, indent=1))
+    return 0
+
+
+def _weighted(specs: list[str]):
+    from .errors import SPMValueError
+    from .spm_file import load_spm
+
+    out = []
+    for spec in specs:
+        path, sep, w = spec.rpartition(":") if spec.count(":") and not spec.endswith(".safetensors") else (spec, "", "")
+        try:
+            out.append((load_spm(path if sep else spec), float(w) if sep else 1.0))
+        except ValueError:
+            raise SPMValueError(f"weight in {spec!r} is not a number") from None
+    return out
+
+
+def _merge(args) -> int:
+    from .merge import merge_compressed, merge_exact
+
+    inputs = _weighted(args.inputs)
+    name = args.name or __import__("pathlib").Path(args.out).stem
+    if args.rank is None and args.error_budget is None:
+        pack, report = merge_exact(inputs, name=name), None
+    else:
+        pack, report = merge_compressed(inputs, rank=args.rank, error_budget=args.error_budget, name=name)
+    pack.save(args.out, dtype=_dtype(args.dtype))
+    info = {"file": args.out, "rank": pack.rank, "slices": [s.name for s in pack.slices()],
+            "bytes": __import__("os").path.getsize(args.out)}
+    if report:
+        info.update(overall_relative_error=round(report.overall_error, 6),
+                    worst_layer_error=round(max(report.per_layer_error.values()), 6))
+    print(json.dumps(info, indent=2))
+    return 0
+
+
+def _extract(args) -> int:
+    from .merge import extract
+    from .spm_file import load_spm
+
+    extract(load_spm(args.pack), args.slice).save(args.out)
+    print(args.out)
+    return 0
+
+
+def _bake(args) -> int:
+    from .merge import bake_diffusers_folder, bake_ldm_checkpoint
+
+    inputs = _weighted(args.inputs)
+    if __import__("pathlib").Path(args.src).is_dir():
+        rep = bake_diffusers_folder(args.src, args.dst, inputs)
+    else:
+        rep = bake_ldm_checkpoint(args.src, args.dst, inputs, arch=args.arch)
+    print(json.dumps(rep, indent=2))
+    return 0
+
+
+def _dtype(name):
+    import torch
+
+    return {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[name]
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m lib_spm", description="Concept Semi-Permeable Membranes (SPM)")
     sub = p.add_subparsers(dest="command", required=True)
@@ -98,6 +172,25 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--batch", type=int, default=2)
     r.add_argument("--rounds", type=int, default=5)
     r.set_defaults(run=_bench)
+    m = sub.add_parser("merge", help="merge SPMs into one pack: exact (each keeps its gate) or compressed (SVD)")
+    m.add_argument("out")
+    m.add_argument("inputs", nargs="+", help="FILE or FILE:WEIGHT")
+    m.add_argument("--rank", type=int, default=None, help="compress to this rank")
+    m.add_argument("--error-budget", type=float, default=None, help="compress to the smallest rank within this relative error")
+    m.add_argument("--name", default=None)
+    m.add_argument("--dtype", choices=("fp32", "fp16", "bf16"), default="fp32")
+    m.set_defaults(run=_merge)
+    x = sub.add_parser("extract", help="pull one slice out of an exact pack")
+    x.add_argument("pack")
+    x.add_argument("slice")
+    x.add_argument("out")
+    x.set_defaults(run=_extract)
+    k = sub.add_parser("bake", help="write a new checkpoint with SPM deltas added (loses Facilitated Transport)")
+    k.add_argument("src", help="single-file .safetensors LDM checkpoint or diffusers folder")
+    k.add_argument("dst")
+    k.add_argument("inputs", nargs="+", help="FILE or FILE:WEIGHT")
+    k.add_argument("--arch", choices=("sd1", "sd2", "sdxl"), default=None)
+    k.set_defaults(run=_bake)
     w = sub.add_parser("world", help="train the shapes world (the shipped weights came from these commands)")
     wsub = w.add_subparsers(dest="world", required=True)
     wt = wsub.add_parser("train", help="train the text-to-image world model from scratch (or --resume)")
@@ -114,6 +207,14 @@ def build_parser() -> argparse.ArgumentParser:
     wc.add_argument("--out", required=True)
     wc.add_argument("--steps", type=int, default=1500)
     wc.set_defaults(run=_world_classifier)
+    we = wsub.add_parser("eval", help="judge a world: shape and colour accuracy per prompt")
+    we.add_argument("--weights", default=None, help="folder with unet/text_encoder/classifier (default: shipped)")
+    we.add_argument("--n", type=int, default=16)
+    we.add_argument("--seed", type=int, default=0)
+    we.add_argument("--steps", type=int, default=20)
+    we.add_argument("--cfg", type=float, default=4.0)
+    we.add_argument("--json", action="store_true")
+    we.set_defaults(run=_world_eval)
     return p
 
 
@@ -123,6 +224,6 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.run(args)
-    except (SPMError, OSError) as e:
+    except (SPMError, OSError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -95,3 +95,19 @@ def accuracy(pipe: WorldPipeline, prompts: Sequence[str], n: int = 16, seed: int
             "shape_counts": torch.bincount(sl, minlength=len(data.SHAPES)).tolist(),
         }
     return res
+
+
+def world_backend(world: World):
+    """The trainer's backend for the shapes world (SD1-style conditioning, epsilon prediction)."""
+    from ..trainer import Conditioning, DiffusersBackend
+    from .model import SCHEDULE
+
+    sched = new_scheduler()
+    assert sched.config.num_train_timesteps == SCHEDULE["num_train_timesteps"]
+    return DiffusersBackend(world.unet, lambda ps: Conditioning(world.text_encoder.encode(ps)),
+                            sched.alphas_cumprod, LATENT)
+
+
+def eval_prompts() -> list[str]:
+    """Every shape in every colour: the prompts the world's quality is judged on."""
+    return [f"a {c} {s}" for s in data.SHAPES for c in data.COLOUR_NAMES]
