@@ -31,7 +31,7 @@ class _SeededEncoder:
         return torch.randn(len(texts), 77, self.width, generator=g)
 
     def tokens(self, texts):
-        return [frozenset({i + 1000}) for i, _ in enumerate(texts)]
+        return [(i + 1000,) for i, _ in enumerate(texts)]
 
 
 def _spm(unet, i: int) -> SPMFile:

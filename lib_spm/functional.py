@@ -34,24 +34,63 @@ def clip_cosine(cond: torch.Tensor, concepts: torch.Tensor) -> torch.Tensor:
     return torch.einsum("bkf,cf->bkc", rows, cons).amax(dim=1)
 
 
-def token_overlap(rows: Sequence[frozenset[int] | None], concepts: Sequence[frozenset[int]]) -> torch.Tensor:
-    """``|tokens(row) & tokens(concept)| / |tokens(concept)|``; 0 where a row's tokens are unknown."""
+def token_overlap(rows: Sequence[Sequence[int] | None], concepts: Sequence[Sequence[int]]) -> torch.Tensor:
+    """``|tokens(row) & tokens(concept)| / |tokens(concept)|`` over token sets; 0 where a row's tokens are unknown."""
     out = torch.zeros(len(rows), len(concepts))
+    cons = [set(c) for c in concepts]
     for b, row in enumerate(rows):
         if row is None:
             continue
-        for c, con in enumerate(concepts):
+        row = set(row)
+        for c, con in enumerate(cons):
             if con:
                 out[b, c] = len(row & con) / len(con)
     return out
+
+
+def content_mask(lengths: Sequence[int | None], T: int, L: int) -> torch.Tensor:
+    """[B, T] positions that hold a prompt's own tokens: in each L-token chunk, the L-2 slots
+    after the start token (a long prompt continues in the next chunk, as the WebUI encodes it)."""
+    per = L - 2
+    mask = torch.zeros(len(lengths), T, dtype=torch.bool)
+    for b, n in enumerate(lengths):
+        if n is None:
+            continue
+        for k in range(T // L):
+            m = min(per, max(0, n - k * per))
+            mask[b, k * L + 1 : k * L + 1 + m] = True
+    return mask
+
+
+def soft_token_match(
+    cond: torch.Tensor, row_lengths: Sequence[int | None], concepts: torch.Tensor, concept_lengths: Sequence[int]
+) -> torch.Tensor:
+    """For each concept token, its best cosine with any token of the row, averaged: ``[B, C]``.
+
+    Compares the prompt's own tokens only (no start token, no padding, which every prompt shares
+    and which dominate the published flattened cosine), wherever they sit in the prompt.
+    Rows of unknown length score NaN (the caller falls back).
+    """
+    B, T, D = cond.shape
+    C, L, _ = concepts.shape
+    rows = F.normalize(cond.float(), dim=-1)
+    cons = F.normalize(concepts.float(), dim=-1)
+    sim = torch.einsum("btd,cld->bctl", rows, cons)  # [B, C, T, L]
+    rmask = content_mask(row_lengths, T, L).to(sim.device)
+    sim = sim.masked_fill(~rmask[:, None, :, None], -2.0)
+    best = sim.amax(dim=2)  # [B, C, L]: each concept position's best row token
+    cmask = content_mask(concept_lengths, L, L).to(sim.device)  # [C, L]
+    score = (best * cmask[None]).sum(-1) / cmask.sum(-1).clamp_min(1)[None]
+    unknown = torch.tensor([n is None or n == 0 for n in row_lengths], device=sim.device)
+    return score.masked_fill(unknown[:, None], float("nan")).cpu()
 
 
 def concept_scores(
     metric: str,
     cond: torch.Tensor,
     concept_embeds: torch.Tensor,
-    row_tokens: Sequence[frozenset[int] | None],
-    concept_tokens: Sequence[frozenset[int]],
+    row_tokens: Sequence[Sequence[int] | None],
+    concept_tokens: Sequence[Sequence[int]],
 ) -> torch.Tensor:
     """gamma per (row, concept) for one of :data:`METRICS`: the max of the scores it names."""
     if metric not in METRICS:

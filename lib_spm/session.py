@@ -28,7 +28,7 @@ from .errors import ArchitectureMismatch, SPMRuntimeError, SPMShapeError, SPMVal
 from .names import resolve
 from .spm_file import LayerWeights, SPMFile
 
-RowTokens = Sequence["frozenset[int] | None"]
+RowTokens = Sequence["tuple[int, ...] | None"]  # a row's prompt tokens in order, specials excluded
 
 
 class ConceptEncoder(Protocol):
@@ -37,8 +37,8 @@ class ConceptEncoder(Protocol):
     def encode(self, texts: list[str]) -> torch.Tensor:
         """``[n, L, D]``: each text encoded exactly as the UNet receives a prompt's conditioning."""
 
-    def tokens(self, texts: list[str]) -> list[frozenset[int]]:
-        """Token ids of each text, special tokens (start, end, padding) excluded."""
+    def tokens(self, texts: list[str]) -> list[tuple[int, ...]]:
+        """Token ids of each text in order, special tokens (start, end, padding) excluded."""
 
 
 @dataclass(frozen=True)
@@ -135,7 +135,7 @@ class Session:
         self.last_gates: torch.Tensor | None = None  # [B, slices] of the last UNet call
         self._concepts: list[str] = []
         self._concept_embeds: torch.Tensor | None = None
-        self._concept_tokens: list[frozenset[int]] = []
+        self._concept_tokens: list[tuple[int, ...]] = []
         self._groups: list[list[int]] = []
 
     # -- public ---------------------------------------------------------------------------------
@@ -220,7 +220,7 @@ class Session:
             if embeds.dim() != 3 or embeds.shape[0] != len(concepts):
                 raise SPMShapeError(f"concept encoder returned {tuple(embeds.shape)} for {len(concepts)} concepts")
             self._concept_embeds = embeds.detach()
-            self._concept_tokens = [frozenset(t) for t in self._encoder.tokens(concepts)]
+            self._concept_tokens = [tuple(t) for t in self._encoder.tokens(concepts)]
 
     # -- hooks ----------------------------------------------------------------------------------
     def _on_unet_call(self, module, args, kwargs):

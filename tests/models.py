@@ -140,5 +140,5 @@ class ToyEncoder:
     def encode(self, texts: list[str]) -> torch.Tensor:
         return torch.stack([self.encode_one(t) for t in texts])
 
-    def tokens(self, texts: list[str]) -> list[frozenset[int]]:
-        return [frozenset(self.ids(t)) for t in texts]
+    def tokens(self, texts: list[str]) -> list[tuple[int, ...]]:
+        return [tuple(self.ids(t)) for t in texts]

@@ -32,8 +32,8 @@ def test_long_prompts_take_the_best_chunk():
 
 
 def test_token_overlap_counts_target_tokens_and_ignores_unknown_rows():
-    rows = [frozenset({1, 2, 3}), None, frozenset()]
-    concepts = [frozenset({2, 9}), frozenset({1, 2, 3}), frozenset()]
+    rows = [(1, 2, 3, 2), None, ()]
+    concepts = [(2, 9), (1, 2, 3), ()]
     out = token_overlap(rows, concepts)
     assert out.tolist() == [[0.5, 1.0, 0.0], [0.0, 0.0, 0.0], [0.0, 0.0, 0.0]]
 

@@ -38,11 +38,11 @@ class TextEncoderConcepts:
             outs.append(res.hidden_states[-2] if self.penultimate else res[0])
         return torch.cat(outs, dim=-1)
 
-    def tokens(self, texts: list[str]) -> list[frozenset[int]]:
+    def tokens(self, texts: list[str]) -> list[tuple[int, ...]]:
         tok = self.tokenizers[0]
         special = set(tok.all_special_ids)
         ids = tok(texts, truncation=True).input_ids
-        return [frozenset(i for i in row if i not in special) for row in ids]
+        return [tuple(i for i in row if i not in special) for row in ids]
 
 
 def row_texts(
@@ -69,7 +69,7 @@ class SPMPipeline:
         else:
             encoder = TextEncoderConcepts([pipe.tokenizer], [pipe.text_encoder])
         self._encoder = encoder
-        self._rows: list[frozenset[int]] | None = None
+        self._rows: list[tuple[int, ...]] | None = None
         self.session = Session(pipe.unet, spms, encoder=encoder, gate=gate, row_tokens=self._row_tokens)
 
     def _row_tokens(self, batch: int):

@@ -80,9 +80,9 @@ class WorldTextEncoder(nn.Module):
     def encode(self, prompts: list[str]) -> torch.Tensor:
         return self(self.token_ids(prompts))
 
-    def tokens(self, prompts: list[str]) -> list[frozenset[int]]:
+    def tokens(self, prompts: list[str]) -> list[tuple[int, ...]]:
         special = set(self.tokenizer.all_special_ids)
-        return [frozenset(i for i in row if i not in special) for row in self.tokenizer(prompts).input_ids]
+        return [tuple(i for i in row if i not in special) for row in self.tokenizer(prompts).input_ids]
 
 
 class Classifier(nn.Module):

@@ -21,7 +21,7 @@ from .model import LATENT, World, decode_latent, new_scheduler
 class WorldPipeline:
     def __init__(self, world: World):
         self.world = world
-        self._rows: list[frozenset[int]] | None = None
+        self._rows: list[tuple[int, ...]] | None = None
 
     # -- SPMs -----------------------------------------------------------------------------------
     def row_tokens(self, batch: int):
