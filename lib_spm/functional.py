@@ -10,7 +10,8 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
-METRICS = ("clipcos", "tokenuni", "clipcos_tokenuni")
+METRICS = ("clipcos", "tokenuni", "clipcos_tokenuni", "pooled", "pooled_tokenuni")
+CALIBRATED = ("pooled", "pooled_tokenuni")
 
 
 # -- Facilitated Transport scores ---------------------------------------------------------------
@@ -85,17 +86,64 @@ def soft_token_match(
     return score.masked_fill(unknown[:, None], float("nan")).cpu()
 
 
+def end_states(cond: torch.Tensor, lengths: Sequence[int | None], L: int) -> torch.Tensor:
+    """[B, k, D]: the hidden state at each chunk's end token, which a causal CLIP text encoder
+    computes from the whole chunk (for k > 1, chunks hold L-2 prompt tokens each). Rows of
+    unknown length give NaN."""
+    B, T, D = cond.shape
+    k = T // L
+    out = torch.full((B, k, D), float("nan"), dtype=torch.float32, device=cond.device)
+    for b, n in enumerate(lengths):
+        if n is None:
+            continue
+        for j in range(k):
+            m = min(L - 2, max(0, n - j * (L - 2)))
+            if j == 0 or m > 0:
+                out[b, j] = cond[b, j * L + m + 1].float()
+    return out
+
+
+def pooled_cosine(cond, row_lengths, concepts, concept_lengths, null: torch.Tensor) -> torch.Tensor:
+    """Cosine of end-token states, both centred on the empty prompt's: ``[B, C]``, best chunk.
+
+    Centring removes what every prompt shares (position, the start token's influence), so what
+    remains is what the prompt says. Rows of unknown length give NaN (the caller falls back).
+    """
+    L = concepts.shape[1]
+    base = null[0, 1].float()  # the empty prompt's end token sits right after its start token
+    rows = end_states(cond, row_lengths, L) - base.to(cond.device)
+    cons = end_states(concepts, concept_lengths, L)[:, 0] - base.to(concepts.device)
+    sim = torch.einsum("bkd,cd->bkc", F.normalize(rows, dim=-1), F.normalize(cons.to(rows.device), dim=-1))
+    best = torch.nan_to_num(sim, nan=-2.0).amax(dim=1).cpu()  # unused chunks never win
+    known = torch.tensor([n is not None for n in row_lengths])
+    return best.masked_fill(~known[:, None], float("nan"))
+
+
+def calibrate(scores: torch.Tensor, floor: torch.Tensor) -> torch.Tensor:
+    """Rescale so the concept itself scores 1 and its most similar unrelated reference prompt 0."""
+    return ((scores - floor) / (1 - floor).clamp_min(1e-6)).clamp(0, 1)
+
+
 def concept_scores(
     metric: str,
     cond: torch.Tensor,
     concept_embeds: torch.Tensor,
     row_tokens: Sequence[Sequence[int] | None],
     concept_tokens: Sequence[Sequence[int]],
+    calibration: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """gamma per (row, concept) for one of :data:`METRICS`: the max of the scores it names."""
     if metric not in METRICS:
         raise ValueError(f"unknown gate metric {metric!r}; choose one of {METRICS}")
     parts = []
+    if metric in CALIBRATED:
+        if calibration is None:
+            raise ValueError(f"metric {metric!r} needs the empty prompt's encoding and per-concept floors")
+        null, floor = calibration
+        raw = pooled_cosine(cond, [None if r is None else len(r) for r in row_tokens], concept_embeds,
+                            [len(t) for t in concept_tokens], null)
+        fallback = clip_cosine(cond, concept_embeds).cpu()  # rows whose prompt text is unknown
+        parts.append(torch.where(raw.isnan(), fallback, calibrate(raw, floor)))
     if "clipcos" in metric:
         parts.append(clip_cosine(cond, concept_embeds).cpu())
     if "tokenuni" in metric:

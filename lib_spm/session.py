@@ -41,11 +41,21 @@ class ConceptEncoder(Protocol):
         """Token ids of each text in order, special tokens (start, end, padding) excluded."""
 
 
+# Unrelated prompts the calibrated metrics measure each concept against: the concept's most
+# similar one of these is what "unrelated" means for it (its gate is 0 there).
+REFERENCE_PROMPTS = (
+    "a photo", "a picture of something", "an object", "a landscape with trees", "a city street at night",
+    "a portrait of a person", "a bowl of food on a table", "an animal in a field", "a room with furniture",
+    "an abstract pattern", "a drawing", "a close-up", "a view of the sky", "a building", "a vehicle on a road",
+)
+
+
 @dataclass(frozen=True)
 class GateSettings:
     enabled: bool = True
     factor: float = 1.0
     metric: str = "clipcos_tokenuni"
+    reference_prompts: tuple[str, ...] = REFERENCE_PROMPTS  # for the calibrated metrics only
 
     def __post_init__(self):
         if self.metric not in functional.METRICS:
@@ -137,6 +147,7 @@ class Session:
         self._concept_embeds: torch.Tensor | None = None
         self._concept_tokens: list[tuple[int, ...]] = []
         self._groups: list[list[int]] = []
+        self._calibration: tuple[torch.Tensor, torch.Tensor] | None = None
 
     # -- public ---------------------------------------------------------------------------------
     @property
@@ -221,6 +232,21 @@ class Session:
                 raise SPMShapeError(f"concept encoder returned {tuple(embeds.shape)} for {len(concepts)} concepts")
             self._concept_embeds = embeds.detach()
             self._concept_tokens = [tuple(t) for t in self._encoder.tokens(concepts)]
+            if self.gate.metric in functional.CALIBRATED:
+                self._calibration = self._calibrate()
+
+    def _calibrate(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The empty prompt's encoding, and each concept's score against unrelated prompts."""
+        null = self._encoder.encode([""]).detach()
+        refs = list(self.gate.reference_prompts)
+        if not refs:
+            return null, torch.zeros(len(self._concepts))
+        ref_embeds, ref_tokens = self._encoder.encode(refs).detach(), self._encoder.tokens(refs)
+        raw = functional.pooled_cosine(ref_embeds, [len(t) for t in ref_tokens], self._concept_embeds,
+                                       [len(t) for t in self._concept_tokens], null)
+        # a reference that shares a word with the concept is not unrelated to it
+        shares = functional.token_overlap(ref_tokens, self._concept_tokens) > 0
+        return null, raw.masked_fill(shares, -1.0).amax(dim=0).clamp(min=0.0)
 
     # -- hooks ----------------------------------------------------------------------------------
     def _on_unet_call(self, module, args, kwargs):
@@ -236,7 +262,7 @@ class Session:
             with torch.no_grad():
                 scores = functional.concept_scores(
                     self.gate.metric, cond.detach(), self._concept_embeds.to(cond.device),
-                    rows if rows is not None else [None] * B, self._concept_tokens,
+                    rows if rows is not None else [None] * B, self._concept_tokens, self._calibration,
                 )
             gates = functional.slice_gates(scores, self._groups, self.gate.factor)
         self.last_gates = gates

@@ -70,3 +70,52 @@ def test_bypass_is_linear_in_each_column_coefficient():
     for b in range(2):
         want = sum(coef[b, i] * torch.outer(up[:, i], down[i]) for i in range(3))
         assert torch.allclose(got[b], x[b] @ want.T, atol=1e-5)
+
+
+def test_content_mask_finds_each_chunks_own_tokens():
+    from lib_spm.functional import content_mask
+
+    m = content_mask([3, None, 5], T=2 * 5, L=5)  # chunks of 5 slots hold 3 prompt tokens each
+    assert m[0].tolist() == [False, True, True, True, False] + [False] * 5
+    assert not m[1].any()
+    assert m[2].tolist() == [False, True, True, True, False, False, True, True, False, False]
+
+
+def test_soft_token_match_ignores_start_and_padding():
+    from lib_spm.functional import soft_token_match
+
+    e = enc.encode(["a red circle", "circle"])
+    s = soft_token_match(e, [3, None], e[1:], [1])
+    # "circle" sits at another position in the first prompt, and is still found exactly
+    assert torch.allclose(s[0], torch.ones(1), atol=1e-6) and s[1].isnan().all()
+
+
+def test_pooled_cosine_compares_end_states_centred_on_the_empty_prompt():
+    from lib_spm.functional import calibrate, end_states, pooled_cosine
+
+    e = enc.encode(["a red circle", "a blue square", "circle"])
+    null = enc.encode([""])
+    ends = end_states(e, [3, 3, 1], L)
+    assert torch.equal(ends[0, 0], e[0, 4]) and torch.equal(ends[2, 0], e[2, 2])
+    got = pooled_cosine(e, [3, 3, None], e[2:], [1], null)
+    want = torch.cosine_similarity(e[0, 4] - null[0, 1], e[2, 2] - null[0, 1], dim=0)
+    assert torch.allclose(got[0, 0], want, atol=1e-6) and got[2].isnan().all()
+    assert torch.allclose(calibrate(torch.tensor([[0.2, 0.6, 1.0]]), torch.tensor([0.6, 0.6, 0.6])),
+                          torch.tensor([[0.0, 0.0, 1.0]]))
+
+
+def test_calibrated_session_floors_ignore_references_that_name_the_concept():
+    from lib_spm import Session
+    from models import tiny_sd1
+    from spm_helpers import random_spm
+
+    model = tiny_sd1(True)
+    spm = random_spm(model, ["circle"])
+    refs = ("a circle of friends", "a dog", "a house")
+    s = Session(model, [(spm, 1.0)], encoder=enc, gate=GateSettings(metric="pooled", reference_prompts=refs))
+    s._prepare_concepts()
+    null, floor = s._calibration
+    e = enc.encode(list(refs) + ["circle"])
+    from lib_spm.functional import pooled_cosine
+    raw = pooled_cosine(e[:3], [len(t) for t in enc.tokens(list(refs))], e[3:], [1], null)
+    assert torch.allclose(floor, raw[1:].amax(dim=0).clamp(min=0))  # "a circle of friends" left out

@@ -7,8 +7,9 @@ import pytest
 import torch
 
 from lib_spm import GateSettings
-from lib_spm.demo import run_demo, tiny_pipeline
+from lib_spm.demo import run_demo
 from lib_spm.hosts.diffusers import SPMPipeline, TextEncoderConcepts, row_texts
+from models import tiny_pipeline
 from spm_helpers import hook_counts, random_spm
 
 
