@@ -64,6 +64,13 @@ def _bench(args) -> int:
     return 0
 
 
+def _bench_erasure(args) -> int:
+    from .world.bench_erasure import main
+
+    main(args.json, n=args.n, seed=args.seed)
+    return 0
+
+
 def _world_train(args) -> int:
     from .world.train_world import train_world
 
@@ -172,6 +179,11 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--batch", type=int, default=2)
     r.add_argument("--rounds", type=int, default=5)
     r.set_defaults(run=_bench)
+    e = bsub.add_parser("erasure", help="erasure quality in the shapes world (cases, gates, training cost)")
+    e.add_argument("--n", type=int, default=16, help="samples per prompt")
+    e.add_argument("--seed", type=int, default=0)
+    e.add_argument("--json", default=None, help="also write the full report here")
+    e.set_defaults(run=_bench_erasure)
     m = sub.add_parser("merge", help="merge SPMs into one pack: exact (each keeps its gate) or compressed (SVD)")
     m.add_argument("out")
     m.add_argument("inputs", nargs="+", help="FILE or FILE:WEIGHT")
@@ -205,7 +217,7 @@ def build_parser() -> argparse.ArgumentParser:
     wt.set_defaults(run=_world_train)
     wc = wsub.add_parser("classifier", help="train the judge on clean renders (fails below 99% accuracy)")
     wc.add_argument("--out", required=True)
-    wc.add_argument("--steps", type=int, default=1500)
+    wc.add_argument("--steps", type=int, default=3000)
     wc.set_defaults(run=_world_classifier)
     we = wsub.add_parser("eval", help="judge a world: shape and colour accuracy per prompt")
     we.add_argument("--weights", default=None, help="folder with unet/text_encoder/classifier (default: shipped)")

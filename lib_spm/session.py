@@ -249,22 +249,24 @@ class Session:
         return null, raw.masked_fill(shares, -1.0).amax(dim=0).clamp(min=0.0)
 
     # -- hooks ----------------------------------------------------------------------------------
+    def gates(self, cond: torch.Tensor, rows: RowTokens | None = None) -> torch.Tensor:
+        """``[B, slices]``: the gate of every slice for every row of a conditioning batch."""
+        B = cond.shape[0]
+        if not self.gate.enabled or not self._concepts:
+            return torch.ones(B, len(self._slice_concepts))
+        if rows is not None and len(rows) != B:
+            raise SPMRuntimeError(f"host gave prompts for {len(rows)} rows, the UNet call has {B}")
+        with torch.no_grad():
+            scores = functional.concept_scores(
+                self.gate.metric, cond.detach(), self._concept_embeds.to(cond.device),
+                rows if rows is not None else [None] * B, self._concept_tokens, self._calibration,
+            )
+        return functional.slice_gates(scores, self._groups, self.gate.factor)
+
     def _on_unet_call(self, module, args, kwargs):
         cond = self._conditioning_of(args, kwargs)
         B = cond.shape[0]
-        n_slices = len(self._slice_concepts)
-        if not self.gate.enabled or not self._concepts:
-            gates = torch.ones(B, n_slices)
-        else:
-            rows = self._row_tokens(B) if self._row_tokens else None
-            if rows is not None and len(rows) != B:
-                raise SPMRuntimeError(f"host gave prompts for {len(rows)} rows, the UNet call has {B}")
-            with torch.no_grad():
-                scores = functional.concept_scores(
-                    self.gate.metric, cond.detach(), self._concept_embeds.to(cond.device),
-                    rows if rows is not None else [None] * B, self._concept_tokens, self._calibration,
-                )
-            gates = functional.slice_gates(scores, self._groups, self.gate.factor)
+        gates = self.gates(cond, self._row_tokens(B) if self._row_tokens else None)
         self.last_gates = gates
         strength = torch.tensor([a.strength for a in self._applied for _ in a.slice_ids])
         self._coef = (gates[:, self._col_slice] * strength).to(cond.device)

@@ -1,13 +1,10 @@
 """The diffusers host on a real (tiny, seeded) StableDiffusionPipeline with SD's CLIP tokenizer."""
 
-import json
-
 import numpy as np
 import pytest
 import torch
 
 from lib_spm import GateSettings
-from lib_spm.demo import run_demo
 from lib_spm.hosts.diffusers import SPMPipeline, TextEncoderConcepts, row_texts
 from models import tiny_pipeline
 from spm_helpers import hook_counts, random_spm
@@ -48,14 +45,3 @@ def test_pipeline_rows_get_their_own_gates_and_detach_is_exact(pipe):
     assert not np.allclose(images[0], base[0]) and np.array_equal(images[1], base[1])
     assert hook_counts(pipe.unet) == before
     assert np.array_equal(pipe(prompt=prompts, generator=torch.Generator().manual_seed(0), **kw).images, base)
-
-
-def test_demo_writes_its_report(tmp_path):
-    metrics = run_demo(tmp_path, concept="star")
-    saved = json.loads((tmp_path / "metrics.json").read_text())
-    assert saved == metrics
-    assert metrics["detach_restores_bit_exact_output"] is True
-    assert metrics["ft_on"]["gate_per_prompt"]["star"] == 1.0
-    assert all(g == 1.0 for g in metrics["ft_off"]["gate_per_prompt"].values())
-    assert (tmp_path / "grid.png").stat().st_size > 0
-    assert (tmp_path / "erase_star.safetensors").exists()

@@ -109,6 +109,20 @@ def _mask(shape: str, cx: float, cy: float, r: float, ss: int) -> np.ndarray:
     return m
 
 
+STYLES = ("plain", "stripes")
+
+
+def _stylise(img: np.ndarray, style: str) -> np.ndarray:
+    """A shifted style for model-transfer tests: faint diagonal stripes over the whole image."""
+    if style == "plain":
+        return img
+    if style == "stripes":
+        ys, xs = np.mgrid[0:SIZE, 0:SIZE]
+        stripes = ((xs + ys) // 3 % 2).astype(np.float32)[..., None]
+        return np.clip(img * 0.85 + 0.15 * stripes, 0, 1)
+    raise ValueError(f"unknown style {style!r}")
+
+
 def render(shape: int, colour: int, background: int, rng: np.random.Generator, ss: int = 4) -> np.ndarray:
     """One anti-aliased HxWx3 float image in [0, 1]."""
     r = rng.uniform(8.0, 11.5)
@@ -131,7 +145,7 @@ def sample_items(rng: np.random.Generator, n: int) -> list[Item]:
     return items
 
 
-def batch(rng: np.random.Generator, n: int) -> tuple[np.ndarray, list[Item]]:
+def batch(rng: np.random.Generator, n: int, style: str = "plain") -> tuple[np.ndarray, list[Item]]:
     items = sample_items(rng, n)
-    images = np.stack([render(it.shape, it.colour, it.background, rng) for it in items])
+    images = np.stack([_stylise(render(it.shape, it.colour, it.background, rng), style) for it in items])
     return images, items

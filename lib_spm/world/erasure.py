@@ -57,6 +57,8 @@ class Measurement:
 
 def _correct(pipe: WorldPipeline, prompts: Sequence[str], n: int, seed: int, **gen) -> tuple[torch.Tensor, torch.Tensor]:
     expanded = [p for p in prompts for _ in range(n)]
+    if not expanded:
+        return torch.zeros(0, dtype=torch.bool), torch.zeros(0, dtype=torch.bool)
     shapes, colours = pipe.classify(pipe.generate(expanded, seed=seed, **gen))
     want_s = torch.tensor([prompt_labels(p)[0] for p in expanded])
     want_c = torch.tensor([prompt_labels(p)[1] for p in expanded])
@@ -81,9 +83,9 @@ def measure(pipe: WorldPipeline, spms: Sequence[tuple[SPMFile, float]], targets:
     for i, p in enumerate(others):
         per_prompt[p] = {"accuracy": o_ok[i * n : (i + 1) * n].float().mean().item(),
                          "base_accuracy": base_ok[i * n : (i + 1) * n].float().mean().item()}
-    base_acc = base_ok.float().mean().item()
-    acc = o_ok.float().mean().item()
-    found = t_shape.float().mean().item()
+    base_acc = base_ok.float().mean().item() if len(base_ok) else 0.0
+    acc = o_ok.float().mean().item() if len(o_ok) else 0.0
+    found = t_shape.float().mean().item() if len(t_shape) else 0.0
     return Measurement(1 - found, acc / base_acc if base_acc else 0.0, found, base_acc, acc, per_prompt)
 
 

@@ -39,6 +39,41 @@ def export(folder: Path, unet, text_encoder, extra: dict) -> None:
     (folder / "world.json").write_text(json.dumps(info, indent=2))
 
 
+def diffusion_loss(unet, te, imgs, items, acp, loss_w) -> torch.Tensor:
+    """Min-SNR-weighted epsilon loss on one rendered batch (text encoder trained jointly)."""
+    x0 = encode_image(torch.from_numpy(imgs))
+    ctx = te(te.token_ids([it.caption for it in items]))
+    noise = torch.randn_like(x0)
+    t = torch.randint(0, acp.shape[0], (x0.shape[0],))
+    a = acp[t].view(-1, 1, 1, 1)
+    pred = unet(a.sqrt() * x0 + (1 - a).sqrt() * noise, t, ctx).sample
+    return (F.mse_loss(pred, noise, reduction="none").mean(dim=(1, 2, 3)) * loss_w[t]).mean()
+
+
+def finetune(world, steps: int, *, style: str = "stripes", lr: float = 2e-4, batch: int = 32, seed: int = 5):
+    """A copy of the world fine-tuned briefly on another style (for model-transfer tests)."""
+    from .model import World
+
+    torch.manual_seed(seed)
+    rng = np.random.default_rng(seed)
+    unet, te = copy.deepcopy(world.unet), copy.deepcopy(world.text_encoder)
+    unet.train().requires_grad_(True)
+    te.train().requires_grad_(True)
+    params = list(unet.parameters()) + list(te.model.parameters())
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    acp = new_scheduler().alphas_cumprod.float()
+    snr = acp / (1 - acp)
+    loss_w = torch.clamp(snr, max=5.0) / snr
+    for _ in range(steps):
+        loss = diffusion_loss(unet, te, *data.batch(rng, batch, style=style), acp, loss_w)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    for m in (unet, te):
+        m.eval().requires_grad_(False)
+    return World(unet, te, world.classifier, {**world.info, "finetuned": {"style": style, "steps": steps, "lr": lr}})
+
+
 def train_world(out: str | Path, steps: int, *, batch: int = 64, lr: float = 6e-4, warmup: int = 300,
                 ema_decay: float = 0.999, save_every: int = 250, seed: int = 0, resume: bool = False,
                 threads: int | None = None, log=print) -> Path:
@@ -50,8 +85,7 @@ def train_world(out: str | Path, steps: int, *, batch: int = 64, lr: float = 6e-
     unet, te = new_unet(), WorldTextEncoder()
     params = list(unet.parameters()) + list(te.model.parameters())
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
-    sched = new_scheduler()
-    acp = sched.alphas_cumprod.float()
+    acp = new_scheduler().alphas_cumprod.float()
     snr = acp / (1 - acp)
     loss_w = torch.clamp(snr, max=5.0) / snr  # min-SNR-5 for epsilon prediction
     step, rng = 0, np.random.default_rng(seed)
@@ -68,14 +102,7 @@ def train_world(out: str | Path, steps: int, *, batch: int = 64, lr: float = 6e-
     ema_unet.requires_grad_(False), ema_te.requires_grad_(False)
     t0, losses = time.time(), []
     while step < steps:
-        imgs, items = data.batch(rng, batch)
-        x0 = encode_image(torch.from_numpy(imgs))
-        ctx = te(te.token_ids([it.caption for it in items]))
-        noise = torch.randn_like(x0)
-        t = torch.randint(0, sched.config.num_train_timesteps, (batch,))
-        a = acp[t].view(-1, 1, 1, 1)
-        pred = unet(a.sqrt() * x0 + (1 - a).sqrt() * noise, t, ctx).sample
-        loss = (F.mse_loss(pred, noise, reduction="none").mean(dim=(1, 2, 3)) * loss_w[t]).mean()
+        loss = diffusion_loss(unet, te, *data.batch(rng, batch), acp, loss_w)
         for g in opt.param_groups:
             g["lr"] = lr * min(1.0, (step + 1) / warmup)
         opt.zero_grad(set_to_none=True)
@@ -98,14 +125,17 @@ def train_world(out: str | Path, steps: int, *, batch: int = 64, lr: float = 6e-
     return out / "ema"
 
 
-def train_classifier(folder: str | Path, *, steps: int = 1500, batch: int = 128, seed: int = 1, log=print) -> float:
-    """Train the judge on clean renders; returns its accuracy (min of shape and colour) on fresh ones."""
+def train_classifier(folder: str | Path, *, steps: int = 3000, batch: int = 128, seed: int = 1, log=print) -> float:
+    """Train the judge on clean renders of every style; returns its worst accuracy (shape or
+    colour, any style) on 2,000 fresh renders per style, and saves it to ``folder``."""
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
     clf = Classifier()
     opt = torch.optim.AdamW(clf.parameters(), lr=2e-3)
     for step in range(steps):
-        imgs, items = data.batch(rng, batch)
+        for g in opt.param_groups:
+            g["lr"] = 2e-3 * 0.5 * (1 + np.cos(np.pi * step / steps))
+        imgs, items = data.batch(rng, batch, style=data.STYLES[step % len(data.STYLES)])
         x = torch.from_numpy(imgs).permute(0, 3, 1, 2)
         x = (x + 0.03 * torch.randn_like(x)).clamp(0, 1)  # generated images are never quite clean
         s, c = clf(x)
@@ -117,13 +147,16 @@ def train_classifier(folder: str | Path, *, steps: int = 1500, batch: int = 128,
         if (step + 1) % 250 == 0:
             log(f"classifier step {step + 1} loss {loss.item():.4f}")
     clf.eval()
-    imgs, items = data.batch(np.random.default_rng(seed + 1000), 2000)
-    with torch.no_grad():
-        s, c = clf(torch.from_numpy(imgs).permute(0, 3, 1, 2))
-    acc_s = (s.argmax(1) == torch.tensor([it.shape for it in items])).float().mean().item()
-    acc_c = (c.argmax(1) == torch.tensor([it.colour for it in items])).float().mean().item()
+    worst = 1.0
+    for style in data.STYLES:
+        imgs, items = data.batch(np.random.default_rng(seed + 1000), 2000, style=style)
+        with torch.no_grad():
+            s, c = clf(torch.from_numpy(imgs).permute(0, 3, 1, 2))
+        acc_s = (s.argmax(1) == torch.tensor([it.shape for it in items])).float().mean().item()
+        acc_c = (c.argmax(1) == torch.tensor([it.colour for it in items])).float().mean().item()
+        log(f"classifier clean accuracy ({style}): shape {acc_s:.4f} colour {acc_c:.4f}")
+        worst = min(worst, acc_s, acc_c)
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     save_file(clf.state_dict(), str(folder / "classifier.safetensors"))
-    log(f"classifier clean accuracy: shape {acc_s:.4f} colour {acc_c:.4f}")
-    return min(acc_s, acc_c)
+    return worst
