@@ -59,17 +59,19 @@ def gate_table(pipe: WorldPipeline, concept: str, spm) -> dict:
     return out
 
 
-def run(n: int = 16, seed: int = 0, finetune_steps: int = 150, log=print) -> dict:
+def run(n: int = 16, seed: int = 0, finetune_steps: int = 150, weights: str | None = None,
+        iterations: int | None = None, log=print) -> dict:
     from .train_world import finetune
 
     t0 = time.time()
-    world = load_world()
+    world = load_world(weights) if weights else load_world()
+    extra = {} if iterations is None else {"iterations": iterations}
     pipe = WorldPipeline(world)
     report: dict = {"n_per_prompt": n, "seed": seed, "recipe": WORLD_RECIPE, "world": world.info}
     with tempfile.TemporaryDirectory() as d:
         log("training SPMs: circle, star")
-        circle = train_concept(pipe, "circle", Path(d) / "circle.safetensors", seed=seed)
-        star = train_concept(pipe, "star", Path(d) / "star.safetensors", seed=seed)
+        circle = train_concept(pipe, "circle", Path(d) / "circle.safetensors", seed=seed, **extra)
+        star = train_concept(pipe, "star", Path(d) / "star.safetensors", seed=seed, **extra)
     cache: dict = {}
     cases: dict = {}
     others_c = other_prompts(["circle"])
@@ -105,8 +107,8 @@ def run(n: int = 16, seed: int = 0, finetune_steps: int = 150, log=print) -> dic
     log("gates")
     report["gates_circle"] = gate_table(pipe, "circle", circle)
     log("training cost")
-    report["training_cost"] = {"this recipe": training_cost(pipe, WORLD_RECIPE),
-                               "original recipe": training_cost(pipe, ORIGINAL_RECIPE)}
+    report["training_cost"] = {"this recipe": training_cost(pipe, WORLD_RECIPE, iterations=iterations or 5),
+                               "original recipe": training_cost(pipe, ORIGINAL_RECIPE, iterations=iterations or 5)}
     report["seconds"] = round(time.time() - t0, 1)
     return report
 
