@@ -90,7 +90,7 @@ def _world_release(args) -> int:
     from .world.model import WEIGHTS
     from .world.train_world import release
 
-    print(release(args.run, args.classifier, args.dst or WEIGHTS))
+    print(release(args.source, args.classifier, args.dst or WEIGHTS))
     return 0
 
 
@@ -116,6 +116,66 @@ def _world_eval(args) -> int:
         **summary, "worst_shape": sorted(((p, r["shape"]) for p, r in res.items()), key=lambda kv: kv[1])[:6]}
     print(json.dumps(out, indent=1))
     return 0
+
+
+def _weighted(specs: list[str]):
+    from .errors import SPMValueError
+    from .spm_file import load_spm
+
+    out = []
+    for spec in specs:
+        path, sep, w = spec.rpartition(":") if spec.count(":") and not spec.endswith(".safetensors") else (spec, "", "")
+        try:
+            out.append((load_spm(path if sep else spec), float(w) if sep else 1.0))
+        except ValueError:
+            raise SPMValueError(f"weight in {spec!r} is not a number") from None
+    return out
+
+
+def _merge(args) -> int:
+    from .merge import merge_compressed, merge_exact
+
+    inputs = _weighted(args.inputs)
+    name = args.name or __import__("pathlib").Path(args.out).stem
+    if args.rank is None and args.error_budget is None:
+        pack, report = merge_exact(inputs, name=name), None
+    else:
+        pack, report = merge_compressed(inputs, rank=args.rank, error_budget=args.error_budget, name=name)
+    pack.save(args.out, dtype=_dtype(args.dtype))
+    info = {"file": args.out, "rank": pack.rank, "slices": [s.name for s in pack.slices()],
+            "bytes": __import__("os").path.getsize(args.out)}
+    if report:
+        info.update(overall_relative_error=round(report.overall_error, 6),
+                    worst_layer_error=round(max(report.per_layer_error.values()), 6))
+    print(json.dumps(info, indent=2))
+    return 0
+
+
+def _extract(args) -> int:
+    from .merge import extract
+    from .spm_file import load_spm
+
+    extract(load_spm(args.pack), args.slice).save(args.out)
+    print(args.out)
+    return 0
+
+
+def _bake(args) -> int:
+    from .merge import bake_diffusers_folder, bake_ldm_checkpoint
+
+    inputs = _weighted(args.inputs)
+    if __import__("pathlib").Path(args.src).is_dir():
+        rep = bake_diffusers_folder(args.src, args.dst, inputs)
+    else:
+        rep = bake_ldm_checkpoint(args.src, args.dst, inputs, arch=args.arch)
+    print(json.dumps(rep, indent=2))
+    return 0
+
+
+def _dtype(name):
+    import torch
+
+    return {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[name]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -178,7 +238,7 @@ def build_parser() -> argparse.ArgumentParser:
     wc.add_argument("--steps", type=int, default=3000)
     wc.set_defaults(run=_world_classifier)
     wr = wsub.add_parser("release", help="copy a run's EMA weights (fp16) and a classifier into the shipped folder")
-    wr.add_argument("--run", required=True, help="the run's ema folder")
+    wr.add_argument("--from", dest="source", required=True, help="the run's ema folder")
     wr.add_argument("--classifier", required=True)
     wr.add_argument("--dst", default=None)
     wr.set_defaults(run=_world_release)

@@ -141,3 +141,59 @@ def test_main_in_process_missing_file(tmp_path, capsys):
     assert code == 2 and captured.out == ""
     assert captured.err.count("\n") == 1 and captured.err.startswith("error: ")
     assert "missing.safetensors" in captured.err
+
+
+# -- merge / extract / bake, in process (every sub-command must at least parse and run) --------
+
+def _tiny_files(tmp_path):
+    from lib_spm.zoo import write_zoo_file
+    from models import tiny_sd1
+
+    unet = tiny_sd1(False)
+    write_zoo_file(tmp_path / "a.safetensors", unet, ["circle"], rank=1, seed=1)
+    write_zoo_file(tmp_path / "b.safetensors", unet, ["square"], rank=2, seed=2)
+    return unet
+
+
+def test_merge_extract_commands(tmp_path, capsys):
+    import json as _json
+
+    from lib_spm import load_spm
+    from lib_spm.cli import main
+
+    _tiny_files(tmp_path)
+    a, b = str(tmp_path / "a.safetensors"), str(tmp_path / "b.safetensors")
+    assert main(["merge", str(tmp_path / "p.safetensors"), a + ":1.0", b + ":0.5"]) == 0
+    out = _json.loads(capsys.readouterr().out)
+    assert out["rank"] == 3 and out["slices"] == ["a", "b"]
+    assert main(["merge", str(tmp_path / "c.safetensors"), a, b, "--rank", "2", "--dtype", "fp16"]) == 0
+    out = _json.loads(capsys.readouterr().out)
+    assert out["rank"] == 2 and 0 < out["overall_relative_error"] < 1
+    assert main(["extract", str(tmp_path / "p.safetensors"), "b", str(tmp_path / "x.safetensors")]) == 0
+    assert load_spm(tmp_path / "x.safetensors").rank == 2
+    assert main(["merge", str(tmp_path / "q.safetensors"), a + ":abc"]) == 2
+    assert "not a number" in capsys.readouterr().err
+
+
+def test_bake_command_on_a_diffusers_folder(tmp_path, capsys):
+    import json as _json
+
+    from lib_spm.cli import main
+
+    unet = _tiny_files(tmp_path)
+    unet.save_pretrained(tmp_path / "model" / "unet", safe_serialization=True)
+    assert main(["bake", str(tmp_path / "model"), str(tmp_path / "baked"), str(tmp_path / "a.safetensors") + ":0.5"]) == 0
+    assert _json.loads(capsys.readouterr().out)["layers"] > 0
+    assert main(["bake", str(tmp_path / "model"), str(tmp_path / "baked"), str(tmp_path / "a.safetensors")]) == 2
+    assert "exists" in capsys.readouterr().err
+
+
+def test_every_command_has_help(capsys):
+    from lib_spm.cli import build_parser
+
+    parser = build_parser()
+    for argv in (["inspect", "x"], ["merge", "o", "i"], ["extract", "p", "s", "o"], ["bake", "s", "d", "i"],
+                 ["bench", "runtime"], ["bench", "erasure"], ["world", "train", "--out", "o"],
+                 ["world", "classifier", "--out", "o"], ["world", "eval"], ["world", "release", "--from", "r",
+                 "--classifier", "c"], ["demo"]):
+        assert callable(parser.parse_args(argv).run)
