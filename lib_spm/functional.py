@@ -120,7 +120,7 @@ def pooled_cosine(cond, row_lengths, concepts, concept_lengths, null: torch.Tens
 
 
 def calibrate(scores: torch.Tensor, floor: torch.Tensor) -> torch.Tensor:
-    """Rescale so the concept itself scores 1 and its most similar unrelated reference prompt 0."""
+    """Rescale so the concept itself scores 1 and unrelated prompts (on average) 0."""
     return ((scores - floor) / (1 - floor).clamp_min(1e-6)).clamp(0, 1)
 
 

@@ -41,8 +41,8 @@ class ConceptEncoder(Protocol):
         """Token ids of each text in order, special tokens (start, end, padding) excluded."""
 
 
-# Unrelated prompts the calibrated metrics measure each concept against: the concept's most
-# similar one of these is what "unrelated" means for it (its gate is 0 there).
+# Unrelated prompts the calibrated metrics measure each concept against: the concept's mean
+# similarity to these is what "unrelated" means for it (its gate is 0 there).
 REFERENCE_PROMPTS = (
     "a photo", "a picture of something", "an object", "a landscape with trees", "a city street at night",
     "a portrait of a person", "a bowl of food on a table", "an animal in a field", "a room with furniture",
@@ -244,9 +244,11 @@ class Session:
         ref_embeds, ref_tokens = self._encoder.encode(refs).detach(), self._encoder.tokens(refs)
         raw = functional.pooled_cosine(ref_embeds, [len(t) for t in ref_tokens], self._concept_embeds,
                                        [len(t) for t in self._concept_tokens], null)
-        # a reference that shares a word with the concept is not unrelated to it
-        shares = functional.token_overlap(ref_tokens, self._concept_tokens) > 0
-        return null, raw.masked_fill(shares, -1.0).amax(dim=0).clamp(min=0.0)
+        # a reference that shares a word with the concept is not unrelated to it; the floor is the
+        # mean over the rest (the max let one odd reference shut the gate on synonyms, measured)
+        keep = (functional.token_overlap(ref_tokens, self._concept_tokens) == 0).float()
+        floor = (raw * keep).sum(0) / keep.sum(0).clamp_min(1)
+        return null, floor.clamp(min=0.0)
 
     # -- hooks ----------------------------------------------------------------------------------
     def gates(self, cond: torch.Tensor, rows: RowTokens | None = None) -> torch.Tensor:
