@@ -31,6 +31,9 @@ GATES = {
     "published": GateSettings(metric="clipcos_tokenuni"),
     "calibrated": GateSettings(metric="pooled_tokenuni", reference_prompts=WORLD_REFERENCES),
 }
+# the facilitate factor doubles calibrated gates: half-way similar prompts get full strength
+WITH_X2 = {**GATES, "calibrated x2": GateSettings(metric="pooled_tokenuni", factor=2.0,
+                                                   reference_prompts=WORLD_REFERENCES)}
 
 
 def _row(m) -> dict:
@@ -47,9 +50,9 @@ def gate_table(pipe: WorldPipeline, concept: str, spm) -> dict:
         "empty": [""],
     }
     out = {}
-    for gname in ("published", "calibrated"):
+    for gname in ("published", "calibrated", "calibrated x2"):
         out[gname] = {}
-        with pipe.applied([(spm, 1.0)], GATES[gname]) as s:
+        with pipe.applied([(spm, 1.0)], WITH_X2[gname]) as s:
             for kind, prompts in probes.items():
                 te = pipe.world.text_encoder
                 with torch.no_grad():
@@ -77,11 +80,11 @@ def run(n: int = 16, seed: int = 0, finetune_steps: int = 150, weights: str | No
     others_c = other_prompts(["circle"])
     log("case: one concept")
     cases["one concept (circle)"] = {g: _row(measure(pipe, [(circle, 1.0)], target_prompts("circle"), others_c,
-                                                     gate=gs, n=n, seed=seed, base_cache=cache)) for g, gs in GATES.items()}
+                                                     gate=gs, n=n, seed=seed, base_cache=cache)) for g, gs in WITH_X2.items()}
     log("case: synonyms")
     syn = target_prompts("circle", list(data.SYNONYMS["circle"]))
     cases["synonyms (disc, round shape)"] = {g: _row(measure(pipe, [(circle, 1.0)], syn, others_c, gate=gs, n=n,
-                                                             seed=seed, base_cache=cache)) for g, gs in GATES.items()}
+                                                             seed=seed, base_cache=cache)) for g, gs in WITH_X2.items()}
     log("case: two SPMs")
     others_cs = other_prompts(["circle", "star"])
     two = {}
