@@ -71,6 +71,13 @@ def _bench_erasure(args) -> int:
     return 0
 
 
+def _bench_merge(args) -> int:
+    from .world.bench_merge import main
+
+    main(args.json, n=args.n, seed=args.seed)
+    return 0
+
+
 def _world_train(args) -> int:
     from .world.train_world import train_world
 
@@ -202,6 +209,11 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--seed", type=int, default=0)
     e.add_argument("--json", default=None, help="also write the full report here")
     e.set_defaults(run=_bench_erasure)
+    bm = bsub.add_parser("merge", help="a three-concept pack in the shapes world: side by side, exact, compressed, baked")
+    bm.add_argument("--n", type=int, default=16, help="samples per prompt")
+    bm.add_argument("--seed", type=int, default=0)
+    bm.add_argument("--json", default=None)
+    bm.set_defaults(run=_bench_merge)
     m = sub.add_parser("merge", help="merge SPMs into one pack: exact (each keeps its gate) or compressed (SVD)")
     m.add_argument("out")
     m.add_argument("inputs", nargs="+", help="FILE or FILE:WEIGHT")

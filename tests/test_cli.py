@@ -193,7 +193,7 @@ def test_every_command_has_help(capsys):
 
     parser = build_parser()
     for argv in (["inspect", "x"], ["merge", "o", "i"], ["extract", "p", "s", "o"], ["bake", "s", "d", "i"],
-                 ["bench", "runtime"], ["bench", "erasure"], ["world", "train", "--out", "o"],
+                 ["bench", "runtime"], ["bench", "erasure"], ["bench", "merge"], ["world", "train", "--out", "o"],
                  ["world", "classifier", "--out", "o"], ["world", "eval"], ["world", "release", "--from", "r",
                  "--classifier", "c"], ["demo"]):
         assert callable(parser.parse_args(argv).run)
