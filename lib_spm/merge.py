@@ -227,6 +227,16 @@ def _deltas(inputs: Sequence[tuple[SPMFile, float]]) -> tuple[str | None, dict[s
     return pack.arch, {k: lw.delta() for k, lw in pack.layers.items()}
 
 
+def _baked(w: torch.Tensor, d: torch.Tensor, name: str) -> torch.Tensor:
+    """``w + d`` in fp32, returned in ``w``'s dtype, checked finite in the dtype that gets written."""
+    if tuple(w.shape) != tuple(d.shape):
+        raise ArchitectureMismatch(f"{name} is {tuple(w.shape)}, the SPM needs {tuple(d.shape)}")
+    new = (w.float() + d).to(w.dtype)
+    if not torch.isfinite(new).all():
+        raise SPMValueError(f"baking gives non-finite values in {name} ({w.dtype})")
+    return new
+
+
 def bake_ldm_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, inputs: Sequence[tuple[SPMFile, float]],
                         *, arch: str | None = None) -> dict:
     """Write a new single-file LDM checkpoint (as the WebUI loads it) with the deltas added.
@@ -259,13 +269,7 @@ def bake_ldm_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, inputs: 
         wkey = f"model.diffusion_model.{name.ldm}.weight"
         if wkey not in tensors:
             raise ArchitectureMismatch(f"{src.name} has no {wkey}: not an {arch} checkpoint")
-        w = tensors[wkey]
-        if tuple(w.shape) != tuple(d.shape):
-            raise ArchitectureMismatch(f"{wkey} is {tuple(w.shape)} in the checkpoint, the SPM needs {tuple(d.shape)}")
-        new = (w.float() + d).to(w.dtype)  # fp32 math; checked in the dtype that gets written
-        if not torch.isfinite(new).all():
-            raise SPMValueError(f"baking gives non-finite values in {wkey} ({w.dtype})")
-        out[wkey] = new
+        out[wkey] = _baked(tensors[wkey], d, wkey)
         biggest = max(biggest, float(d.abs().max()))
     write_file(dst, out, md)
     return {"layers": len(deltas), "max_abs_delta": biggest}
@@ -288,13 +292,7 @@ def bake_diffusers_folder(src: str | os.PathLike, dst: str | os.PathLike, inputs
         wkey = by_key.get(key)
         if wkey is None:
             raise ArchitectureMismatch(f"{weights.name} has no weight for {key}")
-        w = tensors[wkey]
-        if tuple(w.shape) != tuple(d.shape):
-            raise ArchitectureMismatch(f"{wkey} is {tuple(w.shape)}, the SPM needs {tuple(d.shape)}")
-        new = (w.float() + d).to(w.dtype)  # fp32 math; checked in the dtype that gets written
-        if not torch.isfinite(new).all():
-            raise SPMValueError(f"baking gives non-finite values in {wkey} ({w.dtype})")
-        out[wkey] = new
+        out[wkey] = _baked(tensors[wkey], d, wkey)
         biggest = max(biggest, float(d.abs().max()))
     tmp = dst.with_name(dst.name + ".partial")
     if tmp.exists():

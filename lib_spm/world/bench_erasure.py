@@ -128,10 +128,14 @@ def markdown(report: dict) -> str:
     return "\n".join(lines)
 
 
-def main(out_json: str | None = None, n: int = 16, seed: int = 0) -> dict:
-    report = run(n=n, seed=seed)
+def publish(report: dict, out_json: str | None, table, extra_keys) -> dict:
+    """Print a benchmark's table and headline figures; write the whole report as JSON if asked."""
     if out_json:
         Path(out_json).write_text(json.dumps(report, indent=2))
-    print(markdown(report))
-    print(json.dumps({k: report[k] for k in ("gates_circle", "training_cost", "seconds")}, indent=2))
+    print(table(report))
+    print(json.dumps({k: report[k] for k in extra_keys}, indent=2))
     return report
+
+
+def main(out_json: str | None = None, n: int = 16, seed: int = 0) -> dict:
+    return publish(run(n=n, seed=seed), out_json, markdown, ("gates_circle", "training_cost", "seconds"))

@@ -9,7 +9,6 @@ application at gate 1 (max abs difference of the UNet's output).
 from __future__ import annotations
 
 import copy
-import json
 import tempfile
 import time
 from pathlib import Path
@@ -20,7 +19,7 @@ from ..merge import merge_compressed, merge_exact
 from ..names import resolve
 from ..session import GateSettings, Session
 from . import data
-from .bench_erasure import GATES
+from .bench_erasure import GATES, publish
 from .erasure import measure, target_prompts, train_concept
 from .model import LATENT, load_world
 from .pipeline import WorldPipeline
@@ -83,9 +82,4 @@ def markdown(report: dict) -> str:
 
 
 def main(out_json: str | None = None, n: int = 16, seed: int = 0) -> dict:
-    report = run(n=n, seed=seed)
-    if out_json:
-        Path(out_json).write_text(json.dumps(report, indent=2))
-    print(markdown(report))
-    print(json.dumps(report["bake_vs_runtime"]))
-    return report
+    return publish(run(n=n, seed=seed), out_json, markdown, ("bake_vs_runtime", "seconds"))
