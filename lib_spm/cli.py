@@ -67,7 +67,7 @@ def _bench(args) -> int:
 def _bench_erasure(args) -> int:
     from .world.bench_erasure import main
 
-    main(args.json, n=args.n, seed=args.seed)
+    main(args.json, n=args.n, seed=args.seed, others_every=args.others_every)
     return 0
 
 
@@ -208,6 +208,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--n", type=int, default=16, help="samples per prompt")
     e.add_argument("--seed", type=int, default=0)
     e.add_argument("--json", default=None, help="also write the full report here")
+    e.add_argument("--others-every", type=int, default=1, help="keep every k-th non-target prompt (cheaper)")
     e.set_defaults(run=_bench_erasure)
     bm = bsub.add_parser("merge", help="a three-concept pack in the shapes world: side by side, exact, compressed, baked")
     bm.add_argument("--n", type=int, default=16, help="samples per prompt")

@@ -207,10 +207,13 @@ def spm_layer_paths(unet: nn.Module) -> list[str]:
     return paths
 
 
-def resolve(keys: list[str], unet: nn.Module) -> dict[str, str]:
-    """Map every file key (any dialect) to a module path; raise listing the keys that map nowhere."""
+def resolve(keys: list[str], unet: nn.Module, names: dict[str, LayerName] | None = None) -> dict[str, str]:
+    """Map every file key (any dialect) to a module path; raise listing the keys that map nowhere.
+
+    ``names`` (``layer_names(unet)``) saves the model walk when resolving several files.
+    """
     index: dict[str, str] = {}
-    for name in layer_names(unet).values():
+    for name in (names if names is not None else layer_names(unet)).values():
         for dialect in name.dialects():
             index[dialect] = name.path
     resolved, missing, seen = {}, [], {}

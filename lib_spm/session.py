@@ -25,7 +25,7 @@ import torch.nn as nn
 
 from . import archs, functional
 from .errors import ArchitectureMismatch, SPMRuntimeError, SPMShapeError, SPMValueError
-from .names import resolve
+from .names import layer_names, resolve
 from .spm_file import LayerWeights, SPMFile
 
 RowTokens = Sequence["tuple[int, ...] | None"]  # a row's prompt tokens in order, specials excluded
@@ -194,10 +194,11 @@ class Session:
         model_dim = archs.unet_context_dim(self.unet)
         model_arch = archs.arch_from_context_dim(model_dim) if model_dim else None
         per_path: dict[str, list[tuple[int, LayerWeights]]] = {}
+        names = layer_names(self.unet)
         for i, a in enumerate(self._applied):
             if a.spm.arch and model_arch and a.spm.arch != model_arch:
                 raise ArchitectureMismatch(f"{a.spm.name} is an {a.spm.arch} SPM; this UNet is {model_arch}")
-            for key, path in resolve(list(a.spm.layers), self.unet).items():
+            for key, path in resolve(list(a.spm.layers), self.unet, names).items():
                 per_path.setdefault(path, []).append((i, a.spm.layers[key]))
         layers = {}
         for path, entries in per_path.items():

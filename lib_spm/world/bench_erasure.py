@@ -63,21 +63,23 @@ def gate_table(pipe: WorldPipeline, concept: str, spm) -> dict:
 
 
 def run(n: int = 16, seed: int = 0, finetune_steps: int = 150, weights: str | None = None,
-        iterations: int | None = None, log=print) -> dict:
+        iterations: int | None = None, others_every: int = 1, log=print) -> dict:
+    """``others_every`` > 1 keeps every k-th non-target prompt (a cheaper run, same seeds)."""
     from .train_world import finetune
 
     t0 = time.time()
     world = load_world(weights) if weights else load_world()
     extra = {} if iterations is None else {"iterations": iterations}
     pipe = WorldPipeline(world)
-    report: dict = {"n_per_prompt": n, "seed": seed, "recipe": WORLD_RECIPE, "world": world.info}
+    report: dict = {"n_per_prompt": n, "seed": seed, "others_every": others_every, "recipe": WORLD_RECIPE,
+                    "world": {k: v for k, v in world.info.items() if k != "eval"}}
     with tempfile.TemporaryDirectory() as d:
         log("training SPMs: circle, star")
         circle = train_concept(pipe, "circle", Path(d) / "circle.safetensors", seed=seed, **extra)
         star = train_concept(pipe, "star", Path(d) / "star.safetensors", seed=seed, **extra)
     cache: dict = {}
     cases: dict = {}
-    others_c = other_prompts(["circle"])
+    others_c = other_prompts(["circle"])[::others_every]
     log("case: one concept")
     cases["one concept (circle)"] = {g: _row(measure(pipe, [(circle, 1.0)], target_prompts("circle"), others_c,
                                                      gate=gs, n=n, seed=seed, base_cache=cache)) for g, gs in WITH_X2.items()}
@@ -86,7 +88,7 @@ def run(n: int = 16, seed: int = 0, finetune_steps: int = 150, weights: str | No
     cases["synonyms (disc, round shape)"] = {g: _row(measure(pipe, [(circle, 1.0)], syn, others_c, gate=gs, n=n,
                                                              seed=seed, base_cache=cache)) for g, gs in WITH_X2.items()}
     log("case: two SPMs")
-    others_cs = other_prompts(["circle", "star"])
+    others_cs = other_prompts(["circle", "star"])[::others_every]
     two = {}
     for g, gs in GATES.items():
         single_c = measure(pipe, [(circle, 1.0)], target_prompts("circle"), others_cs, gate=gs, n=n, seed=seed, base_cache=cache)
@@ -137,5 +139,5 @@ def publish(report: dict, out_json: str | None, table, extra_keys) -> dict:
     return report
 
 
-def main(out_json: str | None = None, n: int = 16, seed: int = 0) -> dict:
-    return publish(run(n=n, seed=seed), out_json, markdown, ("gates_circle", "training_cost", "seconds"))
+def main(out_json: str | None = None, n: int = 16, seed: int = 0, others_every: int = 1) -> dict:
+    return publish(run(n=n, seed=seed, others_every=others_every), out_json, markdown, ("gates_circle", "training_cost", "seconds"))
