@@ -54,7 +54,9 @@ REFERENCE_PROMPTS = (
 class GateSettings:
     enabled: bool = True
     factor: float = 1.0
-    metric: str = "clipcos_tokenuni"
+    # calibrated by default: in the shapes world it kept preservation at 1.0 where the published
+    # "clipcos_tokenuni" (still available) let the SPM act on unrelated prompts (BENCHMARKS.md)
+    metric: str = "pooled_tokenuni"
     reference_prompts: tuple[str, ...] = REFERENCE_PROMPTS  # for the calibrated metrics only
 
     def __post_init__(self):
