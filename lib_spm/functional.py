@@ -63,41 +63,19 @@ def content_mask(lengths: Sequence[int | None], T: int, L: int) -> torch.Tensor:
     return mask
 
 
-def soft_token_match(
-    cond: torch.Tensor, row_lengths: Sequence[int | None], concepts: torch.Tensor, concept_lengths: Sequence[int]
-) -> torch.Tensor:
-    """For each concept token, its best cosine with any token of the row, averaged: ``[B, C]``.
-
-    Compares the prompt's own tokens only (no start token, no padding, which every prompt shares
-    and which dominate the published flattened cosine), wherever they sit in the prompt.
-    Rows of unknown length score NaN (the caller falls back).
-    """
-    B, T, D = cond.shape
-    C, L, _ = concepts.shape
-    rows = F.normalize(cond.float(), dim=-1)
-    cons = F.normalize(concepts.float(), dim=-1)
-    sim = torch.einsum("btd,cld->bctl", rows, cons)  # [B, C, T, L]
-    rmask = content_mask(row_lengths, T, L).to(sim.device)
-    sim = sim.masked_fill(~rmask[:, None, :, None], -2.0)
-    best = sim.amax(dim=2)  # [B, C, L]: each concept position's best row token
-    cmask = content_mask(concept_lengths, L, L).to(sim.device)  # [C, L]
-    score = (best * cmask[None]).sum(-1) / cmask.sum(-1).clamp_min(1)[None]
-    unknown = torch.tensor([n is None or n == 0 for n in row_lengths], device=sim.device)
-    return score.masked_fill(unknown[:, None], float("nan")).cpu()
-
-
 def end_states(cond: torch.Tensor, lengths: Sequence[int | None], L: int) -> torch.Tensor:
     """[B, k, D]: the hidden state at each chunk's end token, which a causal CLIP text encoder
     computes from the whole chunk (for k > 1, chunks hold L-2 prompt tokens each). Rows of
     unknown length give NaN."""
     B, T, D = cond.shape
     k = T // L
+    counts = content_mask(lengths, T, L).view(B, k, L).sum(-1)  # prompt tokens in each chunk
     out = torch.full((B, k, D), float("nan"), dtype=torch.float32, device=cond.device)
     for b, n in enumerate(lengths):
         if n is None:
             continue
         for j in range(k):
-            m = min(L - 2, max(0, n - j * (L - 2)))
+            m = int(counts[b, j])
             if j == 0 or m > 0:
                 out[b, j] = cond[b, j * L + m + 1].float()
     return out
@@ -142,8 +120,10 @@ def concept_scores(
         null, floor = calibration
         raw = pooled_cosine(cond, [None if r is None else len(r) for r in row_tokens], concept_embeds,
                             [len(t) for t in concept_tokens], null)
-        fallback = clip_cosine(cond, concept_embeds).cpu()  # rows whose prompt text is unknown
-        parts.append(torch.where(raw.isnan(), fallback, calibrate(raw, floor)))
+        scored = calibrate(raw, floor)
+        if raw.isnan().any():  # rows whose prompt text is unknown: the cosine alone decides
+            scored = torch.where(raw.isnan(), clip_cosine(cond, concept_embeds).cpu(), scored)
+        parts.append(scored)
     if "clipcos" in metric:
         parts.append(clip_cosine(cond, concept_embeds).cpu())
     if "tokenuni" in metric:

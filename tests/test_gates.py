@@ -81,15 +81,6 @@ def test_content_mask_finds_each_chunks_own_tokens():
     assert m[2].tolist() == [False, True, True, True, False, False, True, True, False, False]
 
 
-def test_soft_token_match_ignores_start_and_padding():
-    from lib_spm.functional import soft_token_match
-
-    e = enc.encode(["a red circle", "circle"])
-    s = soft_token_match(e, [3, None], e[1:], [1])
-    # "circle" sits at another position in the first prompt, and is still found exactly
-    assert torch.allclose(s[0], torch.ones(1), atol=1e-6) and s[1].isnan().all()
-
-
 def test_pooled_cosine_compares_end_states_centred_on_the_empty_prompt():
     from lib_spm.functional import calibrate, end_states, pooled_cosine
 
@@ -119,3 +110,11 @@ def test_calibrated_session_floors_ignore_references_that_name_the_concept():
     from lib_spm.functional import pooled_cosine
     raw = pooled_cosine(e[:3], [len(t) for t in enc.tokens(list(refs))], e[3:], [1], null)
     assert torch.allclose(floor, raw[1:].mean(dim=0).clamp(min=0))  # "a circle of friends" left out
+
+
+def test_calibrated_metric_falls_back_to_the_cosine_for_rows_of_unknown_text():
+    e, c = enc.encode(["a red circle", "a dog"]), enc.encode(["circle"])
+    null, floor = enc.encode([""]), torch.tensor([0.2])
+    got = concept_scores("pooled", e, c, [enc.tokens(["a red circle"])[0], None], enc.tokens(["circle"]), (null, floor))
+    assert torch.allclose(got[1], clip_cosine(e[1:], c)[0])
+    assert not torch.allclose(got[0], clip_cosine(e[:1], c)[0])
