@@ -1,0 +1,49 @@
+"""What the SPM tab needs from whatever runs it: the WebUI, or a standalone server on the shapes world.
+
+The panels never import the WebUI; ``lib_spm.hosts.webui_tab`` implements this protocol for
+AUTOMATIC1111 and ``lib_spm.ui.local`` for a local model (the browser test serves the shapes world
+through it).
+"""
+
+from __future__ import annotations
+
+from contextlib import AbstractContextManager
+from pathlib import Path
+from typing import Protocol
+
+from ..library import SPMLibrary
+from ..trainer import Backend
+
+
+class UIHost(Protocol):
+    library: SPMLibrary  # the SPM folder
+
+    def model_name(self) -> str:
+        """A label for the loaded model (the WebUI's checkpoint title)."""
+
+    def model_arch(self) -> str | None:
+        """``sd1`` / ``sd2`` / ``sdxl`` of the loaded model; None when no model is loaded."""
+
+    def backend(self, resolution: int) -> Backend:
+        """The trainer's backend for the loaded model, latents for ``resolution`` pixels square.
+
+        The backend may also have ``decode(latents) -> [B, 3, H, W] in [0, 1]`` for previews.
+        """
+
+    def job(self, title: str) -> AbstractContextManager:
+        """Hold the host's job slot while training/merging: generation and jobs never overlap."""
+
+    def interrupted(self) -> bool:
+        """The host's own Interrupt button was pressed (checked between steps)."""
+
+    def progress(self, done: int, total: int, text: str) -> None:
+        """Mirror progress into the host's own progress bar."""
+
+    def checkpoints(self) -> dict[str, Path]:
+        """Checkpoints that can be baked into: title -> single-file safetensors path."""
+
+    def loaded_checkpoint(self) -> str | None:
+        """Title (a key of :meth:`checkpoints`) of the loaded checkpoint, if it is a file."""
+
+    def checkpoint_dir(self) -> Path:
+        """Where baked checkpoints are written (never over an existing file)."""
