@@ -1,0 +1,146 @@
+"""The extension's state inside the WebUI, and the pieces of its glue that are plain functions.
+
+``scripts/spm.py`` subclasses the WebUI's classes and registers callbacks; everything it does
+beyond that lives here so it can be tested with stand-ins. One :class:`Extension` per WebUI
+process owns the SPM folder, the generation controller and the job runner.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import html
+import importlib
+import os
+from pathlib import Path
+
+from ..errors import SPMError
+from ..library import SPMLibrary
+from ..session import GateSettings
+from .webui_apply import Choice, SPMController, model_arch, parse_enforced
+
+SECTION = ("spm", "Concept erasure (SPM)")
+TAG = "spm"
+
+
+def _webui(name: str):
+    return importlib.import_module(f"modules.{name}")
+
+
+def spm_dir(cmd_opts, models_path: str | os.PathLike) -> Path:
+    """``--spm-dir``, else ``models/spm`` under the WebUI's models folder (which follows --data-dir)."""
+    folder = getattr(cmd_opts, "spm_dir", None)
+    return Path(folder) if folder else Path(models_path) / "spm"
+
+
+class Extension:
+    """Everything the extension keeps between requests."""
+
+    def __init__(self, root: Path, *, enforced: tuple[Choice, ...] = (), shared=None):
+        root.mkdir(parents=True, exist_ok=True)
+        self.library = SPMLibrary(root)
+        self.controller = SPMController(self.library, enforced=enforced, shared=shared)
+        self._shared = shared
+
+    @classmethod
+    def from_webui(cls) -> "Extension":
+        shared = _webui("shared")
+        paths = _webui("paths")
+        enforced = parse_enforced(getattr(shared.cmd_opts, "spm_enforce", None))
+        return cls(spm_dir(shared.cmd_opts, paths.models_path), enforced=enforced)
+
+    @property
+    def shared(self):
+        return self._shared if self._shared is not None else _webui("shared")
+
+    def default_args(self) -> dict:
+        """The accordion's defaults from the settings section."""
+        opts = self.shared.opts
+        return {
+            "ft": bool(getattr(opts, "spm_ft_default", True)),
+            "factor": float(getattr(opts, "spm_ft_factor", 1.0)),
+            "metric": str(getattr(opts, "spm_ft_metric", GateSettings.metric)),
+        }
+
+    def names(self) -> list[str]:
+        return [e.name for e in self.library.entries() if e.error is None]
+
+    def describe(self, names) -> str:
+        """HTML under the accordion: each chosen SPM's targets and whether it fits the loaded model."""
+        arch = None
+        with contextlib.suppress(Exception):
+            arch = model_arch(self.shared.sd_model)
+        rows = []
+        for name in names:
+            if not name or name == "None":
+                continue
+            try:
+                e = self.library.get(name)
+            except SPMError as err:
+                rows.append(f"<li class='spm-bad'>{html.escape(name)}: {html.escape(str(err))}</li>")
+                continue
+            if e.error:
+                rows.append(f"<li class='spm-bad'>{html.escape(name)}: {html.escape(e.error)}</li>")
+                continue
+            fits = arch is None or e.arch is None or e.arch == arch
+            fit = "" if fits else f" <span class='spm-bad'>for {html.escape(str(e.arch))}, the loaded model is {arch}</span>"
+            targets = ", ".join(e.targets) or "(no targets: FT cannot gate it)"
+            rows.append(f"<li><b>{html.escape(name)}</b> ({html.escape(str(e.arch or '?'))}, rank {e.rank}): "
+                        f"erases {html.escape(targets)}{fit}</li>")
+        return f"<ul class='spm-describe'>{''.join(rows)}</ul>" if rows else ""
+
+    # -- extra networks cards -------------------------------------------------------------------
+    def card(self, page, name: str, index: int | None, quote_js, default_multiplier: str) -> dict | None:
+        """The item dict ``ExtraNetworksPage.create_item`` returns for one SPM."""
+        try:
+            e = self.library.get(name)
+        except SPMError:
+            return None
+        path = str(e.path)
+        stem = path[: -len(".safetensors")]
+        desc = e.description or page.find_description(stem)
+        return {
+            "name": name,
+            "filename": path,
+            "shorthash": e.short_hash,
+            "preview": page.find_preview(stem),
+            "description": desc,
+            "search_terms": [page.search_terms_from_path(path), e.short_hash, *e.targets],
+            "local_preview": f"{stem}.{getattr(self.shared.opts, 'samples_format', 'png')}",
+            "metadata": e.metadata,
+            "sort_keys": {"default": index, **page.get_sort_keys(path)},
+            "prompt": quote_js(f"<{TAG}:{name}:") + " + " + default_multiplier + " + " + quote_js(">"),
+        }
+
+    # -- API ------------------------------------------------------------------------------------
+    def api_list(self) -> list[dict]:
+        out = []
+        for e in self.library.entries():
+            out.append({"name": e.name, "targets": list(e.targets), "arch": e.arch, "rank": e.rank,
+                        "size": e.size_bytes, "hash": e.sha256, "description": e.description, "error": e.error})
+        return out
+
+    def shutdown(self) -> None:
+        self.controller.shutdown()
+
+
+def api_auth_dependency(cmd_opts):
+    """A FastAPI dependency that checks ``--api-auth`` credentials like the WebUI's own API does."""
+    creds = getattr(cmd_opts, "api_auth", None)
+    if not creds:
+        return []
+    import secrets
+
+    from fastapi import Depends, HTTPException
+    from fastapi.security import HTTPBasic, HTTPBasicCredentials
+
+    allowed = dict(c.split(":", 1) for c in creds.strip('"').replace("\n", "").split(",") if ":" in c)
+    basic = HTTPBasic()
+
+    def check(credentials: HTTPBasicCredentials = Depends(basic)):
+        want = allowed.get(credentials.username)
+        if want is None or not secrets.compare_digest(credentials.password, want):
+            raise HTTPException(status_code=401, detail="Incorrect username or password",
+                                headers={"WWW-Authenticate": "Basic"})
+        return True
+
+    return [Depends(check)]

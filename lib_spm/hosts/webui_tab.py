@@ -1,0 +1,84 @@
+"""The SPM tab's host inside AUTOMATIC1111: the loaded model, the WebUI's job queue and progress bar."""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+from pathlib import Path
+
+from ..errors import SPMRuntimeError
+from .webui_apply import model_arch
+from .webui_ext import Extension
+
+
+def _webui(name: str):
+    return importlib.import_module(f"modules.{name}")
+
+
+class WebUIHost:
+    """:class:`lib_spm.ui.host.UIHost` for the WebUI: jobs hold its queue lock and its ``shared.state``."""
+
+    def __init__(self, ext: Extension):
+        self.ext = ext
+        self.library = ext.library
+
+    @property
+    def _shared(self):
+        return self.ext.shared
+
+    def _model(self):
+        model = getattr(self._shared, "sd_model", None)
+        if model is None:
+            raise SPMRuntimeError("no Stable Diffusion model is loaded")
+        return model
+
+    def model_name(self) -> str:
+        info = getattr(self._model(), "sd_checkpoint_info", None)
+        return getattr(info, "title", None) or "(unnamed model)"
+
+    def model_arch(self) -> str | None:
+        try:
+            return model_arch(self._model())
+        except SPMRuntimeError:
+            return None
+
+    def backend(self, resolution: int):
+        from .webui_train import WebUIBackend
+
+        self.ext.controller.shutdown()  # nothing of a generation may be on the model being trained against
+        return WebUIBackend(self._model(), resolution)
+
+    @contextlib.contextmanager
+    def job(self, title: str):
+        state = self._shared.state
+        with _webui("call_queue").queue_lock:
+            state.begin(job=title)
+            try:
+                yield
+            finally:
+                state.end()
+
+    def interrupted(self) -> bool:
+        state = self._shared.state
+        return bool(getattr(state, "interrupted", False) or getattr(state, "stopping_generation", False))
+
+    def progress(self, done: int, total: int, text: str) -> None:
+        state = self._shared.state
+        state.job_count = 1
+        state.sampling_steps = total
+        state.sampling_step = done
+        state.textinfo = text
+
+    def checkpoints(self) -> dict[str, Path]:
+        sd_models = _webui("sd_models")
+        return {title: Path(info.filename) for title, info in sd_models.checkpoints_list.items()
+                if str(info.filename).endswith(".safetensors")}
+
+    def loaded_checkpoint(self) -> str | None:
+        info = getattr(getattr(self._shared, "sd_model", None), "sd_checkpoint_info", None)
+        title = getattr(info, "title", None)
+        return title if title in self.checkpoints() else None
+
+    def checkpoint_dir(self) -> Path:
+        ckpt_dir = getattr(self._shared.cmd_opts, "ckpt_dir", None)
+        return Path(ckpt_dir) if ckpt_dir else Path(_webui("sd_models").model_path)

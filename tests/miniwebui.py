@@ -1,0 +1,198 @@
+"""A miniature AUTOMATIC1111 around the shipped shapes world: enough of its generation loop to run
+the extension's script the way the WebUI does (written for these tests, not copied).
+
+``load()`` puts the stand-in ``modules`` package (tests/webui_stub) on ``sys.path`` and imports
+``scripts/spm.py`` fresh; ``unload()`` takes both away again. ``generate()`` follows
+``process_images``: ``before_process``, prompt tags parsed and activated, ``process_before_every_sampling``,
+a denoising loop whose every step fires ``on_cfg_denoiser`` and calls the UNet with the
+WebUI's row layout (cond rows per ``AND`` sub-prompt, then uncond), ``post_sample``,
+``postprocess``, and ``close`` in a ``finally``.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import sys
+from contextlib import closing
+from pathlib import Path
+from types import SimpleNamespace
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+STUB = Path(__file__).resolve().parent / "webui_stub"
+
+
+def load(models_path: Path, **cmd_opts):
+    """Import the extension's script against the stand-in WebUI; returns (script module, modules)."""
+    unload()
+    sys.path.insert(0, str(STUB))
+    from modules import paths, script_callbacks, shared  # noqa: the stand-in
+
+    shared.reset()
+    script_callbacks.clear()
+    for k, v in cmd_opts.items():
+        setattr(shared.cmd_opts, k, v)
+    paths.models_path = str(models_path)
+    spec = importlib.util.spec_from_file_location("spm_script_under_test", ROOT / "scripts" / "spm.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    script_callbacks.fire("before_ui")  # start-up: extra networks and pages register here (API-only too)
+    return mod, sys.modules["modules"]
+
+
+def unload():
+    if str(STUB) in sys.path:
+        sys.path.remove(str(STUB))
+    for name in [n for n in sys.modules if n == "modules" or n.startswith("modules.")]:
+        del sys.modules[name]
+
+
+class LdmStyle:
+    """Mixin giving a diffusers UNet the LDM calling convention ``forward(x, timesteps, context, y=None)``."""
+
+    def forward(self, x, timesteps=None, context=None, y=None, **kw):
+        return super().forward(x, timesteps, context).sample
+
+
+def ldm_style(unet: torch.nn.Module) -> torch.nn.Module:
+    if isinstance(unet, LdmStyle):
+        return unet
+    unet.__class__ = type(f"Ldm{type(unet).__name__}", (LdmStyle, type(unet)), {})
+    return unet
+
+
+class WorldModel:
+    """``shared.sd_model`` for the shapes world: SD1-style conditioning, LDM UNet convention."""
+
+    is_sd1, is_sd2, is_sdxl = True, False, False
+    cond_stage_key = "txt"
+
+    def __init__(self, world):
+        from lib_spm.world.model import new_scheduler
+
+        self.world = world
+        self.model = SimpleNamespace(diffusion_model=ldm_style(world.unet))
+        te = world.text_encoder
+        self.cond_stage_model = SimpleNamespace(tokenize=lambda texts: [list(t) for t in te.tokens(list(texts))])
+        self.sd_checkpoint_info = SimpleNamespace(title="shapes-world.safetensors [0]")
+        self.scheduler = new_scheduler()
+        self.alphas_cumprod = self.scheduler.alphas_cumprod
+
+    def get_learned_conditioning(self, texts):
+        with torch.no_grad():
+            return self.world.text_encoder.encode(list(texts))
+
+
+def _entry(end, cond):
+    return SimpleNamespace(end_at_step=end, cond=cond)
+
+
+class Processing:
+    """The processing object's fields the script and the row reader read."""
+
+    def __init__(self, sd_model, prompts, negatives, steps, parser):
+        self.sd_model = sd_model
+        self.all_prompts, self.prompts = list(prompts), list(prompts)
+        self.negative_prompts = list(negatives)
+        self.steps = self.firstpass_steps = steps
+        self.is_hr_pass = False
+        self.extra_generation_params = {}
+        self.comments = {}
+        self.closed = False
+        self._parser = parser
+        self._conds = None
+
+    def comment(self, text):
+        self.comments[text] = 1
+
+    def close(self):
+        self.closed = True
+
+    def setup_conds(self):
+        P = self._parser
+        idx, flat, _ = P.get_multicond_prompt_list(self.prompts)
+
+        def encoded(schedule):
+            return [_entry(e, self.sd_model.get_learned_conditioning([t])[0]) for e, t in schedule]
+
+        flat_s = [encoded(s) for s in P.get_learned_conditioning_prompt_schedules(flat, self.steps)]
+        c = SimpleNamespace(batch=[[SimpleNamespace(schedules=flat_s[i], weight=w) for i, w in image] for image in idx])
+        uc = [encoded(s) for s in P.get_learned_conditioning_prompt_schedules(self.negative_prompts, self.steps)]
+        self._conds = (c, uc)
+
+    def get_conds(self):
+        return self._conds
+
+
+def denoise(p, steps, cfg, seed, on_step, opts):
+    """The sampler: DDIM over the world's schedule, one CFGDenoiser.forward per step."""
+    model = p.sd_model
+    unet = model.model.diffusion_model
+    sched = model.scheduler
+    sched.set_timesteps(steps)
+    from lib_spm.world.model import LATENT
+
+    B = len(p.prompts)
+    x = torch.randn((B, *LATENT), generator=torch.Generator().manual_seed(seed))
+    c, uc = p.get_conds()
+    with torch.no_grad():
+        for i, t in enumerate(sched.timesteps):
+            step = i + 1
+
+            def pick(schedule):
+                return next((e for e in schedule if step <= e.end_at_step), schedule[0])
+
+            cond = torch.stack([pick(cp.schedules).cond for image in c.batch for cp in image])
+            uncond = torch.stack([pick(s).cond for s in uc])
+            weights = [[cp.weight for cp in image] for image in c.batch]
+            denoiser = SimpleNamespace(p=p, step=step, image_cfg_scale=None,
+                                       sampler=SimpleNamespace(sampler_extra_args={"cond": c, "uncond": uc}))
+            on_step(SimpleNamespace(text_cond=cond, text_uncond=uncond, denoiser=denoiser, sampling_step=i,
+                                    total_sampling_steps=steps))
+            reps = [len(w) for w in weights]
+            x_in = torch.cat([x.repeat_interleave(torch.tensor(reps), 0), x])
+            ctx = torch.cat([cond, uncond])
+            if opts.batch_cond_uncond:
+                eps = unet(x_in, t.expand(x_in.shape[0]), context=ctx)
+            else:
+                eps = torch.cat([unet(x_in[a:a + B], t.expand(min(B, x_in.shape[0] - a)), context=ctx[a:a + B])
+                                 for a in range(0, x_in.shape[0], B)])
+            e_c, e_u = eps[: cond.shape[0]], eps[cond.shape[0]:]
+            out, row = [], 0
+            for b, w in enumerate(weights):
+                guided = e_u[b].clone()
+                for wk in w:
+                    guided += cfg * wk * (e_c[row] - e_u[b])
+                    row += 1
+                out.append(guided)
+            x = sched.step(torch.stack(out), t, x).prev_sample
+    return x
+
+
+def generate(script_mod, modules, script, args, prompts, negatives=None, *, steps=4, cfg=4.0, seed=0,
+             fail_at_step=None):
+    """One txt2img run through the script's hooks. Returns (latents, p)."""
+    shared, script_callbacks, extra_networks = modules.shared, modules.script_callbacks, modules.extra_networks
+    from modules import prompt_parser, scripts
+
+    negatives = negatives if negatives is not None else [""] * len(prompts)
+    p = Processing(shared.sd_model, prompts, negatives, steps, prompt_parser)
+    with closing(p):
+        script.before_process(p, *args)
+        p.prompts, data = extra_networks.parse_prompts(p.prompts)
+        extra_networks.activate(p, data)
+        p.setup_conds()
+        script.process_before_every_sampling(p, *args)
+
+        def on_step(params):
+            if fail_at_step is not None and params.sampling_step == fail_at_step:
+                raise RuntimeError("sampling failed")
+            script_callbacks.fire("cfg_denoiser", params)
+
+        latents = denoise(p, steps, cfg, seed, on_step, shared.opts)
+        script.post_sample(p, scripts.PostSampleArgs(latents), *args)
+        extra_networks.deactivate(p, data)
+        script.postprocess(p, SimpleNamespace(images=[]), *args)
+    return latents, p

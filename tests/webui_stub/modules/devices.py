@@ -1,0 +1,5 @@
+import contextlib
+
+
+def autocast():
+    return contextlib.nullcontext()

@@ -1,0 +1,1 @@
+models_path = "models"  # tests point this at a temporary folder

@@ -1,0 +1,2 @@
+checkpoints_list = {}
+model_path = "models/Stable-diffusion"
