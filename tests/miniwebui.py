@@ -110,17 +110,23 @@ class Processing:
     def close(self):
         self.closed = True
 
-    def setup_conds(self):
+    def setup_conds(self, hires_steps=None):
+        """Encode the schedules; ``hires_steps``: the hires pass's (``hr_prompts``, counted after
+        the first pass as the WebUI does)."""
         P = self._parser
-        idx, flat, _ = P.get_multicond_prompt_list(self.prompts)
+        prompts, negatives = (self.hr_prompts, self.hr_negative_prompts) if hires_steps else \
+            (self.prompts, self.negative_prompts)
+        idx, flat, _ = P.get_multicond_prompt_list(prompts)
 
         def encoded(schedule):
             return [_entry(e, self.sd_model.get_learned_conditioning([t])[0]) for e, t in schedule]
 
-        flat_s = [encoded(s) for s in P.get_learned_conditioning_prompt_schedules(flat, self.steps)]
+        def schedules(texts):
+            return P.get_learned_conditioning_prompt_schedules(texts, self.firstpass_steps, hires_steps)
+
+        flat_s = [encoded(s) for s in schedules(flat)]
         c = SimpleNamespace(batch=[[SimpleNamespace(schedules=flat_s[i], weight=w) for i, w in image] for image in idx])
-        uc = [encoded(s) for s in P.get_learned_conditioning_prompt_schedules(self.negative_prompts, self.steps)]
-        self._conds = (c, uc)
+        self._conds = (c, [encoded(s) for s in schedules(negatives)])
 
     def get_conds(self):
         return self._conds
@@ -172,8 +178,9 @@ def denoise(p, steps, cfg, seed, on_step, opts):
 
 
 def generate(script_mod, modules, script, args, prompts, negatives=None, *, steps=4, cfg=4.0, seed=0,
-             fail_at_step=None):
-    """One txt2img run through the script's hooks. Returns (latents, p)."""
+             fail_at_step=None, hires_steps=None):
+    """One txt2img run through the script's hooks. Returns (latents, p); with ``hires_steps``
+    a second pass (the hires fix, without upscaling) follows and latents are (first, second)."""
     shared, script_callbacks, extra_networks = modules.shared, modules.script_callbacks, modules.extra_networks
     from modules import prompt_parser, scripts
 
@@ -192,6 +199,12 @@ def generate(script_mod, modules, script, args, prompts, negatives=None, *, step
             script_callbacks.fire("cfg_denoiser", params)
 
         latents = denoise(p, steps, cfg, seed, on_step, shared.opts)
+        if hires_steps:
+            p.is_hr_pass = True
+            p.hr_prompts, p.hr_negative_prompts = list(p.prompts), list(p.negative_prompts)
+            p.setup_conds(hires_steps)
+            script.process_before_every_sampling(p, *args)
+            latents = (latents, denoise(p, hires_steps, cfg, seed + 1, on_step, shared.opts))
         script.post_sample(p, scripts.PostSampleArgs(latents), *args)
         extra_networks.deactivate(p, data)
         script.postprocess(p, SimpleNamespace(images=[]), *args)

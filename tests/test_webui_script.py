@@ -6,6 +6,7 @@ script must add nothing and lose nothing on the way (per-row gates, tags, infote
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import json
 from dataclasses import replace
@@ -55,7 +56,7 @@ def run(w, a, prompts, negatives=None, **kw):
     return miniwebui.generate(w.mod, w.modules, w.script, a, prompts, negatives, **kw)
 
 
-def reference(w, spms, prompts, negatives=None, gate=GateSettings(), steps=4, seed=0):
+def reference(w, spms, prompts, negatives=None, gate=GateSettings(), steps=4, seed=0, hires_steps=None):
     """The core applied directly, told each row's text: what the script must reproduce."""
     from modules import prompt_parser
 
@@ -83,11 +84,13 @@ def reference(w, spms, prompts, negatives=None, gate=GateSettings(), steps=4, se
                    [next(t for e, t in s if step <= e) for s in negs]
 
     loaded = [(w.mod.ext().library.load(n), s) for n, s in spms]
-    if not loaded:
-        return miniwebui.denoise(p, steps, 4.0, seed, on_step, w.modules.shared.opts)
-    with Session(w.unet, loaded, encoder=te, gate=gate,
-                 conditioning_of=lambda a, k: k["context"], row_tokens=row_tokens):
-        return miniwebui.denoise(p, steps, 4.0, seed, on_step, w.modules.shared.opts)
+    with Session(w.unet, loaded, encoder=te, gate=gate, conditioning_of=lambda a, k: k["context"],
+                 row_tokens=row_tokens) if loaded else contextlib.nullcontext():
+        first = miniwebui.denoise(p, steps, 4.0, seed, on_step, w.modules.shared.opts)
+        if not hires_steps:
+            return first
+        steps = hires_steps  # the hires pass has no prompt editing here: its rows are its prompts
+        return first, miniwebui.denoise(p, hires_steps, 4.0, seed + 1, on_step, w.modules.shared.opts)
 
 
 PROMPTS = ["a red circle", "a blue square on black"]
@@ -133,6 +136,16 @@ def test_and_prompt_editing_and_negatives_gate_each_row(webui, prompts, negative
     got, _ = run(webui, a, prompts, negatives)
     want = reference(webui, [("circle", 1.0), ("star", 0.8)], prompts, negatives)
     torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
+
+
+def test_hires_pass_is_gated_by_its_own_rows(webui):
+    (first, second), _ = run(webui, args(("circle", 1.0)), PROMPTS, hires_steps=3)
+    want_first, want_second = reference(webui, [("circle", 1.0)], PROMPTS, hires_steps=3)
+    torch.testing.assert_close(first, want_first, rtol=0, atol=1e-5)
+    torch.testing.assert_close(second, want_second, rtol=0, atol=1e-5)
+    _, plain = reference(webui, [], PROMPTS, hires_steps=3)
+    assert (second - plain)[0].norm() > 0.1  # the SPM was on during the second pass too
+    assert hook_counts(webui.unet) == 0
 
 
 def test_batch_cond_uncond_off_gives_the_same_images(webui):
