@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from .adapter import TrainableAdapter
 from .errors import SPMValueError
 from .metadata import SPMMetadata
-from .safetensors_io import read_file, write_file
+from .safetensors_io import read_file, read_header, write_file
 
 CHECKPOINT_FORMAT = "sd-webui-spm-train-checkpoint/1"
 
@@ -65,13 +65,17 @@ class Backend(Protocol):
 
 
 class DiffusersBackend:
-    """A diffusers ``UNet2DConditionModel`` with an encode function (SD1/SD2/SDXL, eps or v)."""
+    """A diffusers ``UNet2DConditionModel`` with an encode function (SD1/SD2/SDXL, eps or v).
+
+    ``decode`` (latents -> [B, 3, H, W] in [0, 1]), when given, lets a job show previews.
+    """
 
     def __init__(self, unet, encode: Callable[[list[str]], Conditioning], alphas_cumprod: torch.Tensor,
-                 latent_shape: tuple[int, int, int], prediction_type: str = "epsilon"):
+                 latent_shape: tuple[int, int, int], prediction_type: str = "epsilon",
+                 decode: Callable[[torch.Tensor], torch.Tensor] | None = None):
         if prediction_type not in ("epsilon", "v_prediction"):
             raise SPMValueError(f"unsupported prediction type {prediction_type!r}")
-        self.unet, self._encode = unet, encode
+        self.unet, self._encode, self.decode = unet, encode, decode
         self.alphas_cumprod = alphas_cumprod.float()
         self.latent_shape = tuple(latent_shape)
         self.prediction_type = prediction_type
@@ -271,12 +275,8 @@ class Trainer:
 
     def load_checkpoint(self, path: str | Path) -> None:
         tensors, md = read_file(path)
-        if md.get("format") != CHECKPOINT_FORMAT:
-            raise SPMValueError(f"{Path(path).name} is not an SPM training checkpoint")
-        saved = TrainConfig(**json.loads(md["config"]))
-        mine = asdict(self.cfg)
-        theirs = asdict(saved)
-        diff = [k for k in mine if k != "iterations" and mine[k] != theirs[k]]
+        saved, _ = _checkpoint_info(path, md)
+        diff = resume_differences(self.cfg, saved)
         if diff:
             raise SPMValueError(f"checkpoint was made with other settings: {', '.join(diff)}")
         self.adapter.load_state_tensors(tensors)
@@ -294,6 +294,30 @@ class Trainer:
         self.step = int(md["step"])
 
 
+def checkpoint_path(out_path: str | Path) -> Path:
+    """Where :func:`train_spm` keeps the checkpoint of the SPM it writes to ``out_path``."""
+    out_path = Path(out_path)
+    return out_path.with_name(out_path.stem + ".ckpt.safetensors")
+
+
+def _checkpoint_info(path: str | Path, md: dict[str, str]) -> tuple[TrainConfig, int]:
+    if md.get("format") != CHECKPOINT_FORMAT:
+        raise SPMValueError(f"{Path(path).name} is not an SPM training checkpoint")
+    return TrainConfig(**json.loads(md["config"])), int(md["step"])
+
+
+def read_checkpoint(path: str | Path) -> tuple[TrainConfig, int]:
+    """The settings and the step of a training checkpoint, from its header alone."""
+    _, md, _ = read_header(path)
+    return _checkpoint_info(path, md)
+
+
+def resume_differences(cfg: TrainConfig, saved: TrainConfig) -> list[str]:
+    """Settings that differ from a checkpoint's (only ``iterations`` may change on resume)."""
+    mine, theirs = asdict(cfg), asdict(saved)
+    return [k for k in mine if k != "iterations" and mine[k] != theirs[k]]
+
+
 def train_spm(
     backend: Backend,
     cfg: TrainConfig,
@@ -303,13 +327,16 @@ def train_spm(
     should_stop: Callable[[], bool] | None = None,
     checkpoint_every: int = 0,
     resume_from: str | Path | None = None,
+    watch: Callable[[Trainer], None] | None = None,
 ) -> TrainResult:
     """Train, calling ``on_step`` each iteration; ``should_stop`` cancels (what exists is saved).
 
+    ``watch`` gets the trainer once its adapter is attached and after every iteration (after that
+    iteration's checkpoint is written), for previews; it must not draw from ``trainer.gen``.
     The checkpoint lives next to the output as ``<name>.ckpt.safetensors``.
     """
     out_path = Path(out_path)
-    ckpt = out_path.with_name(out_path.stem + ".ckpt.safetensors")
+    ckpt = checkpoint_path(out_path)
     trainer = Trainer(backend, cfg)
     if resume_from is not None:
         trainer.load_checkpoint(resume_from)
@@ -320,6 +347,8 @@ def train_spm(
     history, cancelled, t0 = [], False, time.time()
     trainer.adapter.attach()
     try:
+        if watch is not None:
+            watch(trainer)
         while trainer.step < cfg.iterations:
             if should_stop is not None and should_stop():
                 cancelled = True
@@ -333,6 +362,8 @@ def train_spm(
                 on_step(st)
             if checkpoint_every and trainer.step % checkpoint_every == 0:
                 trainer.save_checkpoint(ckpt)
+            if watch is not None:
+                watch(trainer)
     finally:
         trainer.adapter.detach()
         backend.unet.train(was_training)

@@ -14,6 +14,7 @@ import os
 from pathlib import Path
 
 from ..errors import SPMError
+from ..jobs import JobRunner
 from ..library import SPMLibrary
 from ..session import GateSettings
 from .webui_apply import Choice, SPMController, model_arch, parse_enforced
@@ -39,6 +40,7 @@ class Extension:
         root.mkdir(parents=True, exist_ok=True)
         self.library = SPMLibrary(root)
         self.controller = SPMController(self.library, enforced=enforced, shared=shared)
+        self.jobs = JobRunner()  # training/merging: one at a time, and found again after a page reload
         self._shared = shared
 
     @classmethod

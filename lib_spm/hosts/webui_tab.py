@@ -21,6 +21,7 @@ class WebUIHost:
     def __init__(self, ext: Extension):
         self.ext = ext
         self.library = ext.library
+        self.jobs = ext.jobs
 
     @property
     def _shared(self):

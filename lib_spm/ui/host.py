@@ -11,12 +11,14 @@ from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Protocol
 
+from ..jobs import JobRunner
 from ..library import SPMLibrary
 from ..trainer import Backend
 
 
 class UIHost(Protocol):
     library: SPMLibrary  # the SPM folder
+    jobs: JobRunner  # the one running job, process-wide: a reloaded page finds it again
 
     def model_name(self) -> str:
         """A label for the loaded model (the WebUI's checkpoint title)."""

@@ -105,7 +105,7 @@ def world_backend(world: World):
     sched = new_scheduler()
     assert sched.config.num_train_timesteps == SCHEDULE["num_train_timesteps"]
     return DiffusersBackend(world.unet, lambda ps: Conditioning(world.text_encoder.encode(ps)),
-                            sched.alphas_cumprod, LATENT)
+                            sched.alphas_cumprod, LATENT, decode=decode_latent)
 
 
 def eval_prompts() -> list[str]:

@@ -1,0 +1,131 @@
+"""The trainer's :class:`~lib_spm.trainer.Backend` for the model loaded in AUTOMATIC1111 (v1.10.1).
+
+Duck-typed on ``sd_model`` (``shared.sd_model``); nothing from the WebUI is imported at module
+level. What it relies on, read from the WebUI's source:
+
+- ``sd_model.model.diffusion_model`` is the ldm/sgm ``UNetModel``:
+  ``forward(x, timesteps=None, context=None, y=None)``; SDXL's ``y`` is the [B, 2816] vector;
+- ``sd_model.get_learned_conditioning(texts)``: [B, 77k, C] for SD1/SD2, and for SDXL a dict
+  ``{"crossattn": [B, 77k, 2048], "vector": [B, 2816]}`` whose size conditioning comes from the
+  batch's ``width``/``height`` attributes (``sd_models_xl.get_learned_conditioning``; a plain list
+  means 1024 px), so prompts are passed as a list carrying the training resolution;
+- ``sd_model.alphas_cumprod``; ``sd_model.parameterization == "v"`` for v-prediction models;
+- ``sd_model.decode_first_stage(latents)`` gives images in [-1, 1];
+- ``is_sd1``/``is_sd2``/``is_sdxl``/``is_ssd``/``is_sd3`` (``sd_models.set_model_type``), and
+  ``lowvram`` when ``--medvram``/``--lowvram`` move the UNet in and out of the GPU per call of
+  ``sd_model.model`` (which a direct UNet call never triggers).
+
+The UNet is often fp16 on CUDA: calls run under the WebUI's own ``devices.autocast()`` (or
+``torch.autocast`` on a bare CUDA fp16 model), inputs in the UNet's dtype, predictions returned
+in fp32; the trainable adapter stays fp32 (its hook casts its factors to each layer's dtype).
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+
+from ..errors import SPMRuntimeError, SPMShapeError, SPMValueError
+from ..trainer import Conditioning
+from .webui import CHUNK, _webui, unet_of
+
+
+class _Prompts(list):
+    """Texts with the size SDXL's conditioner reads (what ``prompt_parser.SdConditioning`` carries)."""
+
+    def __init__(self, texts, width: int, height: int):
+        super().__init__(texts)
+        self.width, self.height = width, height
+        self.is_negative_prompt = False
+
+
+def model_kind(sd_model) -> str:
+    """``sd1`` / ``sd2`` / ``sdxl`` for a model SPMs can be trained on; refuses anything else."""
+    name = type(sd_model).__name__
+    if getattr(sd_model, "is_sd3", False):
+        raise SPMRuntimeError("SPM training supports SD1.x, SD2.x and SDXL UNets; the loaded model is SD3")
+    if getattr(sd_model, "is_ssd", False):
+        raise SPMRuntimeError("SPM training does not support SSD-1B (a pruned SDXL); load an SD1.x, SD2.x or SDXL model")
+    if getattr(sd_model, "cond_stage_key", None) == "edit":
+        raise SPMRuntimeError("SPM training does not support InstructPix2Pix models; load a text-to-image model")
+    unet = unet_of(sd_model)
+    conv = next((m for m in unet.modules() if isinstance(m, torch.nn.Conv2d)), None)
+    if conv is None or conv.in_channels != 4:
+        got = "no input convolution" if conv is None else f"{conv.in_channels} input channels"
+        raise SPMRuntimeError(f"SPM training needs a 4-channel text-to-image UNet; this one has {got} "
+                              "(an inpainting model?)")
+    if getattr(sd_model, "is_sdxl", False):
+        return "sdxl"
+    if getattr(sd_model, "is_sd2", False):
+        return "sd2"
+    if getattr(sd_model, "is_sd1", False):
+        return "sd1"
+    raise SPMRuntimeError(f"unknown model type ({name}): SPM training supports SD1.x, SD2.x and SDXL")
+
+
+class WebUIBackend:
+    """Fits :class:`~lib_spm.trainer.Backend`: trains on the WebUI's loaded model, unchanged."""
+
+    def __init__(self, sd_model, resolution: int = 512):
+        if resolution < 64 or resolution % 8:
+            raise SPMValueError(f"resolution must be a multiple of 8 and at least 64, not {resolution}")
+        self.arch = model_kind(sd_model)
+        if getattr(sd_model, "lowvram", False):
+            raise SPMRuntimeError("training needs the whole UNet on the GPU: restart the WebUI without "
+                                  "--medvram/--lowvram (or --medvram-sdxl for SDXL)")
+        self.parameterization = getattr(sd_model, "parameterization", "eps")
+        if self.parameterization not in ("eps", "v"):
+            raise SPMRuntimeError(f"unsupported parameterization {self.parameterization!r} (eps or v)")
+        self.sd_model = sd_model
+        self.unet = unet_of(sd_model)
+        p = next(self.unet.parameters())
+        self.device, self.dtype = p.device, p.dtype
+        self.alphas_cumprod = torch.as_tensor(sd_model.alphas_cumprod).detach().float().to(self.device)
+        self.resolution = resolution
+        self.latent_shape = (4, resolution // 8, resolution // 8)
+
+    def _precision(self):
+        """The WebUI's autocast; without the WebUI, torch's on a half-precision CUDA UNet."""
+        try:
+            return _webui("devices").autocast()
+        except ImportError:
+            if self.device.type == "cuda" and self.dtype in (torch.float16, torch.bfloat16):
+                return torch.autocast("cuda", dtype=self.dtype)
+            return contextlib.nullcontext()
+
+    def encode(self, prompts: list[str]) -> Conditioning:
+        """One 77-token chunk per prompt (as the original trainer sees it): rows of any two
+        prompts must stack, and a concept longer than 75 tokens keeps its first chunk."""
+        batch = _Prompts(prompts, self.resolution, self.resolution)
+        with torch.no_grad(), self._precision():
+            cond = self.sd_model.get_learned_conditioning(batch)
+        if self.arch == "sdxl":
+            if not isinstance(cond, dict) or "crossattn" not in cond or "vector" not in cond:
+                raise SPMShapeError("this SDXL model's get_learned_conditioning gave no crossattn/vector dict")
+            ctx, added = cond["crossattn"], {"vector": cond["vector"].to(self.device)}
+        else:
+            if not isinstance(cond, torch.Tensor):
+                raise SPMShapeError(f"get_learned_conditioning gave a {type(cond).__name__}, not a tensor")
+            ctx, added = cond, None
+        if ctx.dim() != 3 or ctx.shape[0] != len(prompts):
+            raise SPMShapeError(f"get_learned_conditioning gave {tuple(ctx.shape)} for {len(prompts)} prompts")
+        return Conditioning(ctx[:, :CHUNK].to(self.device), added)
+
+    def predict_eps(self, x: torch.Tensor, t: torch.Tensor, cond: Conditioning) -> torch.Tensor:
+        kw = {"context": cond.context.to(self.dtype)}
+        if cond.added is not None:
+            kw["y"] = cond.added["vector"].to(self.dtype)
+        with self._precision():
+            out = self.unet(x.to(self.dtype), t, **kw)
+        out = out.float()
+        if self.parameterization == "eps":
+            return out
+        a = self.alphas_cumprod[t].view(-1, 1, 1, 1)
+        return a.sqrt() * out + (1 - a).sqrt() * x.float()  # v -> eps
+
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """Latents -> [B, 3, H, W] in [0, 1] through the WebUI's VAE."""
+        with torch.no_grad(), self._precision():
+            images = self.sd_model.decode_first_stage(latents.to(self.device))
+        return ((images.float() + 1) / 2).clamp(0, 1)
