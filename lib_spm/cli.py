@@ -179,6 +179,31 @@ def _bake(args) -> int:
     return 0
 
 
+def _ui(args) -> int:
+    import os
+    from pathlib import Path
+
+    os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+    try:
+        import gradio as gr
+    except ImportError:
+        print("error: gradio is not installed in this Python; `make ui-env` builds .venv-ui, then run "
+              ".venv-ui/bin/python -m lib_spm ui ...", file=sys.stderr)
+        return 2
+
+    from .ui import compat
+    from .ui.local import LocalHost
+    from .ui.tab import build_tab
+
+    Path(args.spm_dir).mkdir(parents=True, exist_ok=True)
+    host = LocalHost(args.spm_dir, checkpoint_dir=args.checkpoint_dir)
+    system = ["ui-sans-serif", "system-ui", "sans-serif"]  # no web fonts: the server works offline
+    theme = gr.themes.Default(font=system, font_mono=["ui-monospace", "monospace"])
+    demo = build_tab(host, title="SPM (shapes world)", theme=theme)
+    demo.queue(**compat.queue_kwargs(4)).launch(server_name=args.host, server_port=args.port, show_api=False)
+    return 0
+
+
 def _dtype(name):
     import torch
 
@@ -234,6 +259,12 @@ def build_parser() -> argparse.ArgumentParser:
     k.add_argument("inputs", nargs="+", help="FILE or FILE:WEIGHT")
     k.add_argument("--arch", choices=("sd1", "sd2", "sdxl"), default=None)
     k.set_defaults(run=_bake)
+    u = sub.add_parser("ui", help="serve the SPM tab (train, manage, merge) standalone on the shapes world")
+    u.add_argument("--spm-dir", required=True, help="the SPM folder")
+    u.add_argument("--checkpoint-dir", default=None, help="checkpoints to bake into (default: SPM folder/checkpoints)")
+    u.add_argument("--port", type=int, default=7861)
+    u.add_argument("--host", default="127.0.0.1")
+    u.set_defaults(run=_ui)
     w = sub.add_parser("world", help="train the shapes world (the shipped weights came from these commands)")
     wsub = w.add_subparsers(dest="world", required=True)
     wt = wsub.add_parser("train", help="train the text-to-image world model from scratch (or --resume)")

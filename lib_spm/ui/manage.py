@@ -131,8 +131,8 @@ def details_html(entry: Entry, model_arch: str | None = None) -> str:
     out = [f"<div class='spm-details'><h3>{esc(entry.name)}</h3>"]
     if entry.error:
         out.append(f"<p>{_error(esc(entry.error))}</p>")
-    out.append("<table>")
-    out += [f"<tr><th>{esc(k)}</th><td>{esc(v)}</td></tr>" for k, v in rows]
+    out.append("<table>")  # values may wrap anywhere: a long hash must not spill over the preview
+    out += [f"<tr><th>{esc(k)}</th><td style='overflow-wrap: anywhere'>{esc(v)}</td></tr>" for k, v in rows]
     out.append("</table>")
     if entry.metadata:
         out.append(f"<details><summary>All metadata ({len(entry.metadata)} keys)</summary><table>")
