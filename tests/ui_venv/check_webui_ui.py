@@ -1,0 +1,55 @@
+"""Run by test_webui_ui.py with .venv-ui's python (real gradio 3.41.2): the script's accordion,
+its paste-back, its settings and the WebUI's SPM tab build, against the stand-in WebUI."""
+
+import json
+import sys
+import tempfile
+from pathlib import Path
+
+TESTS = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(TESTS.parent), str(TESTS)]
+
+import gradio as gr  # noqa: E402
+
+import miniwebui  # noqa: E402
+from lib_spm.hosts.webui_apply import SLOTS, ApplyArgs, Choice  # noqa: E402
+from lib_spm.world.model import load_world  # noqa: E402
+from spm_helpers import random_spm  # noqa: E402
+
+out = {}
+tmp = Path(tempfile.mkdtemp())
+mod, modules = miniwebui.load(tmp / "models")
+sd = miniwebui.WorldModel(load_world())
+modules.shared.sd_model = sd
+(tmp / "models" / "spm").mkdir(parents=True, exist_ok=True)
+random_spm(sd.model.diffusion_model, ["circle"], name="circle").save(tmp / "models" / "spm" / "circle.safetensors")
+
+script = mod.SPMScript()
+with gr.Blocks() as demo:
+    components = script.ui(False)
+out["components"] = [type(c).__name__ for c in components]
+assert len(components) == 4 + 2 * SLOTS, out
+assert type(components[0]).__name__ == "InputAccordion"
+names = components[4]
+out["choices"] = [c[0] if isinstance(c, (list, tuple)) else c for c in names.choices]
+assert out["choices"] == ["None", "circle"], out
+
+want = ApplyArgs(True, True, 2.0, "clipcos", (Choice("circle", 0.5), Choice("star", -1.0)))
+pasted = [fn(want.infotext({})) for _, fn in script.infotext_fields]
+assert [c for c, _ in script.infotext_fields] == components
+assert pasted == want.as_args(), pasted
+assert ApplyArgs.parse(pasted) == want
+
+modules.script_callbacks.fire("ui_settings")
+labels = modules.shared.opts.data_labels
+assert set(labels) == {"spm_ft_default", "spm_ft_factor", "spm_ft_metric"}, labels
+assert all(info.section == ("spm", "Concept erasure (SPM)") for info in labels.values())
+
+(tab, title, elem_id), = modules.script_callbacks.fire("ui_tabs")[0]
+assert isinstance(tab, gr.Blocks) and (title, elem_id) == ("SPM", "spm")
+ids = {getattr(b, "elem_id", None) for b in tab.blocks.values()}
+for need in ("spm_train_start", "spm_manage_table", "spm_merge_run", "spm_library_changed"):
+    assert need in ids, need
+out["ok"] = True
+mod.ext().shutdown()
+print(json.dumps(out))
