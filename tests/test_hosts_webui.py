@@ -6,8 +6,9 @@ source, written anew); each case also spells out the calls it must produce by ha
 
 from __future__ import annotations
 
-import re
+import importlib.util
 from dataclasses import dataclass, field
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -28,39 +29,16 @@ LONG = " ".join(f"w{i}" for i in range(100))  # 100 tokens: two chunks
 
 # -- stand-ins --------------------------------------------------------------------------------
 
-class FakeParser:
-    """``modules.prompt_parser`` for what these tests use: ``AND`` with ``:weight``, ``[a:b:N]`` (integer N)."""
+def _stub_parser():
+    """The stand-in WebUI's ``modules.prompt_parser`` (tests/webui_stub), loaded on its own."""
+    path = Path(__file__).resolve().parent / "webui_stub" / "modules" / "prompt_parser.py"
+    spec = importlib.util.spec_from_file_location("stub_prompt_parser", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
-    EDIT = re.compile(r"\[([^\[\]:]*):([^\[\]:]*):(\d+)\]")
 
-    @staticmethod
-    def get_multicond_prompt_list(prompts):
-        flat, index, res = [], {}, []
-        for prompt in prompts:
-            image = []
-            for sub in re.split(r"\bAND\b", prompt):
-                m = re.fullmatch(r"(.*?)(?:\s*:\s*([-+]?(?:\d+\.?|\d*\.\d+)))?\s*", sub, re.S)
-                text, weight = m.group(1), float(m.group(2) or 1.0)
-                if text not in index:
-                    index[text] = len(flat)
-                    flat.append(text)
-                image.append((index[text], weight))
-            res.append(image)
-        return res, flat, index
-
-    @classmethod
-    def get_learned_conditioning_prompt_schedules(cls, prompts, base_steps, hires_steps=None, use_old_scheduling=False):
-        hires = hires_steps is not None and not use_old_scheduling
-        steps, offset = (hires_steps, base_steps) if hires else (base_steps, 0)  # hires: N counts from base_steps
-
-        def when(m):
-            return min(steps, int(m.group(3)) - offset)
-
-        out = []
-        for p in prompts:
-            ends = sorted({steps} | {when(m) for m in cls.EDIT.finditer(p) if when(m) >= 1})
-            out.append([[e, cls.EDIT.sub(lambda m: m.group(1) if e <= when(m) else m.group(2), p)] for e in ends])
-        return out
+FakeParser = _stub_parser()  # AND with :weight, [a:b:N] (integer N)
 
 
 class FakeCLIP:

@@ -71,12 +71,10 @@ def reference(w, spms, prompts, negatives=None, gate=GateSettings(), steps=4, se
         assert cursor[0] <= len(texts)
         return [tuple(t) for t in te.tokens(texts[start:cursor[0]])]
 
-    def on_step(params):
-        c, uc = p.get_conds()
-        pick = lambda s: next((e for e in s if params.denoiser.step <= e.end_at_step), s[0])  # noqa: E731
-        flat = prompt_parser.get_multicond_prompt_list(p.prompts)[1]
+    idx, flat, _ = prompt_parser.get_multicond_prompt_list(p.prompts)
+
+    def on_step(params):  # the texts of the step's rows: cond per (image, AND part), then uncond
         sched = prompt_parser.get_learned_conditioning_prompt_schedules(flat, steps)
-        idx = prompt_parser.get_multicond_prompt_list(p.prompts)[0]
         negs = prompt_parser.get_learned_conditioning_prompt_schedules(negatives, steps)
         step = params.denoiser.step
         cursor[0] = 0
@@ -331,37 +329,35 @@ def test_spm_dir_flag_and_default_folder(world, tmp_path):
 
 # -- moderation -------------------------------------------------------------------------------------
 
-def test_enforced_spm_applies_whatever_the_user_chooses(world, tmp_path):
+@contextlib.contextmanager
+def operator_webui(world, tmp_path, enforce: str, arch: str | None = None):
+    """The stand-in WebUI started with ``--spm-enforce``; its folder holds "circle" (or "xl", for ``arch``)."""
     models = tmp_path / "models"
-    mod, modules = miniwebui.load(models, spm_enforce="circle:1")
+    mod, modules = miniwebui.load(models, spm_enforce=enforce)
     try:
         modules.shared.sd_model = sd = miniwebui.WorldModel(world)
         (models / "spm").mkdir(parents=True)
-        random_spm(sd.model.diffusion_model, ["circle"], seed=1, std=0.3, name="circle").save(
-            models / "spm" / "circle.safetensors")
-        w = SimpleNamespace(mod=mod, modules=modules, sd=sd, unet=sd.model.diffusion_model, script=mod.SPMScript())
-        want = reference(w, [("circle", 1.0)], PROMPTS)
-        for user in (args(enabled=False), args(("circle", 0.0), factor=0.0), args(("circle", 1.0), ft=False)):
-            got, _ = run(w, user, PROMPTS)
-            if user[1] is False:  # the user's own ungated circle adds to the operator's
-                continue
-            torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
-        assert hook_counts(w.unet) == 0
+        name = "xl" if arch else "circle"
+        spm = random_spm(sd.model.diffusion_model, ["circle"], seed=1, std=0.3, name=name)
+        if arch:
+            spm = replace(spm, metadata=replace(spm.metadata, arch=arch))
+        spm.save(models / "spm" / f"{name}.safetensors")
+        yield SimpleNamespace(mod=mod, modules=modules, sd=sd, unet=sd.model.diffusion_model, script=mod.SPMScript())
     finally:
         miniwebui.unload()
+
+
+def test_enforced_spm_applies_whatever_the_user_chooses(world, tmp_path):
+    with operator_webui(world, tmp_path, "circle:1") as w:
+        want = reference(w, [("circle", 1.0)], PROMPTS)
+        for user in (args(enabled=False), args(("circle", 0.0), factor=0.0), args(("star", 0.0), factor=0.0)):
+            got, _ = run(w, user, PROMPTS)
+            torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
+        assert hook_counts(w.unet) == 0
 
 
 def test_generation_is_refused_when_no_enforced_spm_fits(world, tmp_path):
-    models = tmp_path / "models"
-    mod, modules = miniwebui.load(models, spm_enforce="xl")
-    try:
-        modules.shared.sd_model = sd = miniwebui.WorldModel(world)
-        (models / "spm").mkdir(parents=True)
-        spm = random_spm(sd.model.diffusion_model, ["circle"], seed=1, name="xl")
-        replace(spm, metadata=replace(spm.metadata, arch="sdxl")).save(models / "spm" / "xl.safetensors")
-        w = SimpleNamespace(mod=mod, modules=modules, sd=sd, unet=sd.model.diffusion_model, script=mod.SPMScript())
+    with operator_webui(world, tmp_path, "xl", arch="sdxl") as w:
         with pytest.raises(Exception, match="none of the enforced SPMs"):
             run(w, args(enabled=False), PROMPTS)
         assert hook_counts(w.unet) == 0
-    finally:
-        miniwebui.unload()
