@@ -86,6 +86,14 @@ def conditioning_of(args: tuple, kwargs: dict) -> torch.Tensor:
     return ctx
 
 
+def flagged_arch(sd_model) -> str | None:
+    """``sdxl``/``sd2``/``sd1`` from the flags ``sd_models.set_model_type`` sets; None without one."""
+    for attr, arch in (("is_sdxl", "sdxl"), ("is_sd2", "sd2"), ("is_sd1", "sd1")):
+        if getattr(sd_model, attr, False) is True:
+            return arch
+    return None
+
+
 # -- tokens --------------------------------------------------------------------------------------
 
 class PromptTokens:

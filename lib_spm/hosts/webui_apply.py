@@ -32,7 +32,7 @@ from ..errors import SPMError, SPMValueError
 from ..library import SPMLibrary
 from ..session import GateSettings, Session
 from ..spm_file import SPMFile
-from .webui import PromptTokens, WebUIConcepts, WebUIRows, unet_of
+from .webui import PromptTokens, WebUIConcepts, WebUIRows, flagged_arch, unet_of
 
 log = logging.getLogger("sd-webui-spm")
 
@@ -206,9 +206,10 @@ def merge_choices(*groups: Sequence[Choice]) -> tuple[Choice, ...]:
 
 
 def model_arch(sd_model) -> str | None:
-    for attr, arch in (("is_sdxl", "sdxl"), ("is_sd2", "sd2"), ("is_sd1", "sd1")):
-        if getattr(sd_model, attr, False) is True:
-            return arch
+    """The loaded model's architecture: its WebUI flags, else its UNet's context width."""
+    arch = flagged_arch(sd_model)
+    if arch is not None:
+        return arch
     dim = archs.unet_context_dim(unet_of(sd_model))
     return archs.arch_from_context_dim(dim) if dim else None
 

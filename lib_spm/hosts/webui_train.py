@@ -28,7 +28,7 @@ import torch
 
 from ..errors import SPMRuntimeError, SPMShapeError, SPMValueError
 from ..trainer import Conditioning
-from .webui import CHUNK, _webui, unet_of
+from .webui import CHUNK, _webui, flagged_arch, unet_of
 
 
 class _Prompts(list):
@@ -55,12 +55,9 @@ def model_kind(sd_model) -> str:
         got = "no input convolution" if conv is None else f"{conv.in_channels} input channels"
         raise SPMRuntimeError(f"SPM training needs a 4-channel text-to-image UNet; this one has {got} "
                               "(an inpainting model?)")
-    if getattr(sd_model, "is_sdxl", False):
-        return "sdxl"
-    if getattr(sd_model, "is_sd2", False):
-        return "sd2"
-    if getattr(sd_model, "is_sd1", False):
-        return "sd1"
+    arch = flagged_arch(sd_model)
+    if arch is not None:
+        return arch
     raise SPMRuntimeError(f"unknown model type ({name}): SPM training supports SD1.x, SD2.x and SDXL")
 
 
