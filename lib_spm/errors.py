@@ -38,3 +38,33 @@ class UnresolvedKeysError(SPMError):
 
 class SPMRuntimeError(SPMError):
     """The runtime was used in a way it cannot honour (e.g. batch rows it has no gates for)."""
+
+
+class SPMRefusal(SPMError):
+    """A generation that must not run. Hosts raise it where their own error handling cannot
+    swallow it (inside the UNet call), so the request fails and its client sees the message.
+
+    ``status_code`` and ``detail`` are instance attributes because the WebUI's API error handler
+    reads them with ``vars(exc)``.
+    """
+
+    status = 500
+
+    def __init__(self, message: str):
+        super().__init__(message)
+        self.status_code = self.status
+        self.detail = message
+
+
+class SPMRequestError(SPMRefusal):
+    """The request's own SPM arguments cannot be honoured (bad args, unknown names, a negative
+    strength while SPMs are enforced): the client's error."""
+
+    status = 422
+
+
+class ModerationUnavailable(SPMRefusal):
+    """An operator-enforced SPM cannot act on this generation (missing, unreadable, for another
+    model): nothing may be generated. The server's configuration, not the client's request."""
+
+    status = 503

@@ -160,6 +160,11 @@ class Session:
     def slice_labels(self) -> list[str]:
         return list(self._slice_labels)
 
+    @property
+    def layer_paths(self) -> list[str]:
+        """Module paths of the adapted layers (empty while detached)."""
+        return list(self._layers)
+
     def set_strength(self, index: int, strength: float) -> None:
         _check_strength(strength)
         self._applied[index].strength = float(strength)

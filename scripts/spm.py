@@ -11,9 +11,8 @@ from __future__ import annotations
 from modules import extra_networks, script_callbacks, scripts, shared, ui_extra_networks
 
 from lib_spm import functional
-from lib_spm.errors import SPMError
 from lib_spm.hosts import webui_ext
-from lib_spm.hosts.webui_apply import SLOTS, ApplyArgs, tag_choices
+from lib_spm.hosts.webui_apply import SLOTS, ApplyArgs
 
 _ext: webui_ext.Extension | None = None
 
@@ -38,8 +37,10 @@ class SPMScript(scripts.Script):
 
         d = ext().default_args()
         names = ["None"] + ext().names()
+        user_spms = not ext().policy.lockdown  # locked: the controls stay (the args keep their layout), hidden
         with InputAccordion(False, label=self.title(), elem_id=self.elem_id("spm")) as enabled:
-            with gr.Row():
+            gr.HTML(ext().locked_html(), elem_id=self.elem_id("spm_locked"), visible=ext().policy.enforcing)
+            with gr.Row(visible=user_spms):
                 ft = gr.Checkbox(d["ft"], label="Facilitated Transport: act only on prompts that mention the concept",
                                  elem_id=self.elem_id("spm_ft"))
                 factor = gr.Slider(0.0, 4.0, value=d["factor"], step=0.05, label="FT factor",
@@ -48,12 +49,12 @@ class SPMScript(scripts.Script):
                                      elem_id=self.elem_id("spm_ft_metric"))
             slots = []
             for i in range(SLOTS):
-                with gr.Row(elem_classes=["spm-slot"]):
+                with gr.Row(elem_classes=["spm-slot"], visible=user_spms):
                     name = gr.Dropdown(names, value="None", label=f"SPM {i + 1}", elem_id=self.elem_id(f"spm_name_{i}"))
                     strength = gr.Slider(-2.0, 2.0, value=1.0, step=0.05, label="Strength",
                                          elem_id=self.elem_id(f"spm_strength_{i}"))
                 slots += [name, strength]
-            with gr.Row():
+            with gr.Row(visible=user_spms):
                 refresh = gr.Button("\U0001f504 Refresh SPM list", elem_classes=["spm-refresh"], size="sm")
             info = gr.HTML(elem_id=self.elem_id("spm_info"))
         name_boxes = slots[0::2]
@@ -74,12 +75,10 @@ class SPMScript(scripts.Script):
         self.paste_field_names = []
         return components
 
+    # The WebUI swallows what these raise; the controller turns refusals into an error raised
+    # inside the UNet call instead (lib_spm/hosts/webui_apply.py).
     def before_process(self, p, *args):
-        try:
-            parsed = ApplyArgs.parse(args)
-        except SPMError as e:
-            raise ValueError(f"Concept erasure (SPM): {e}") from None
-        ext().controller.begin(p, parsed)
+        ext().controller.begin(p, args)
 
     def process_before_every_sampling(self, p, *args, **kwargs):
         ext().controller.before_sampling(p)
@@ -97,7 +96,7 @@ class ExtraNetworkSPM(extra_networks.ExtraNetwork):
 
     def activate(self, p, params_list):
         default = float(getattr(shared.opts, "extra_networks_default_multiplier", 1.0))
-        ext().controller.set_tags(p, tag_choices(params_list, default))
+        ext().controller.set_tags(p, params_list, default)
 
     def deactivate(self, p):
         pass  # sessions end with the sampling; nothing to undo here
@@ -162,7 +161,7 @@ def on_ui_tabs():
     from lib_spm.hosts.webui_tab import WebUIHost
     from lib_spm.ui.tab import build_tab
 
-    return [(build_tab(WebUIHost(ext())), "SPM", "spm")]
+    return [(build_tab(WebUIHost(ext()), read_only=ext().read_only), "SPM", "spm")]
 
 
 def on_app_started(demo, app):

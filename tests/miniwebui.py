@@ -3,10 +3,11 @@ the extension's script the way the WebUI does (written for these tests, not copi
 
 ``load()`` puts the stand-in ``modules`` package (tests/webui_stub) on ``sys.path`` and imports
 ``scripts/spm.py`` fresh; ``unload()`` takes both away again. ``generate()`` follows
-``process_images``: ``before_process``, prompt tags parsed and activated, ``process_before_every_sampling``,
-a denoising loop whose every step fires ``on_cfg_denoiser`` and calls the UNet with the
-WebUI's row layout (cond rows per ``AND`` sub-prompt, then uncond), ``post_sample``,
-``postprocess``, and ``close`` in a ``finally``.
+``process_images``: ``before_process``, ``process``, prompt tags parsed and activated,
+``process_before_every_sampling``, a denoising loop whose every step fires ``on_cfg_denoiser``
+and calls the UNet with the WebUI's row layout (cond rows per ``AND`` sub-prompt, then uncond),
+``post_sample``, ``postprocess``, and ``close`` in a ``finally``. Like the WebUI, it swallows
+(and reports) what script methods, callbacks and extra networks raise: see ``api_generate``.
 """
 
 from __future__ import annotations
@@ -43,6 +44,10 @@ def load(models_path: Path, **cmd_opts):
 
 
 def unload():
+    """Take the stand-in away; like the WebUI reloading scripts, ``script_unloaded`` fires first."""
+    callbacks = sys.modules.get("modules.script_callbacks")
+    if callbacks is not None:
+        callbacks.fire("script_unloaded")
     if str(STUB) in sys.path:
         sys.path.remove(str(STUB))
     for name in [n for n in sys.modules if n == "modules" or n.startswith("modules.")]:
@@ -178,20 +183,35 @@ def denoise(p, steps, cfg, seed, on_step, opts):
 
 
 def generate(script_mod, modules, script, args, prompts, negatives=None, *, steps=4, cfg=4.0, seed=0,
-             fail_at_step=None, hires_steps=None):
-    """One txt2img run through the script's hooks. Returns (latents, p); with ``hires_steps``
-    a second pass (the hires fix, without upscaling) follows and latents are (first, second)."""
+             fail_at_step=None, hires_steps=None, load_model=None, others=()):
+    """One txt2img run as ``process_images`` makes it. Returns (latents, p); with ``hires_steps``
+    a second pass (the hires fix, without upscaling) follows and latents are (first, second).
+
+    Script methods run through the stand-in ``ScriptRunner`` and callbacks through
+    ``script_callbacks``, which report and swallow what they raise, as the WebUI's do; only what
+    is raised inside the UNet call (or the sampler) ends the run. ``load_model``: a model loaded
+    after ``before_process`` (a checkpoint override, a lazy first load), with its callback.
+    ``others``: (script, args) of other always-on scripts, run before this one.
+    """
     shared, script_callbacks, extra_networks = modules.shared, modules.script_callbacks, modules.extra_networks
     from modules import prompt_parser, scripts
 
     negatives = negatives if negatives is not None else [""] * len(prompts)
+    runner = scripts.ScriptRunner([*others, (script, args)])
     p = Processing(shared.sd_model, prompts, negatives, steps, prompt_parser)
+    p.scripts, p.script_args = runner, runner.script_args
     with closing(p):
-        script.before_process(p, *args)
+        runner.before_process(p)
+        if load_model is not None:
+            shared.sd_model = p.sd_model = load_model
+            script_callbacks.fire("model_loaded", load_model)
+        runner.process(p)
+        runner.before_process_batch(p, batch_number=0, prompts=p.prompts)
         p.prompts, data = extra_networks.parse_prompts(p.prompts)
         extra_networks.activate(p, data)
+        runner.process_batch(p, batch_number=0, prompts=p.prompts)
         p.setup_conds()
-        script.process_before_every_sampling(p, *args)
+        runner.process_before_every_sampling(p)
 
         def on_step(params):
             if fail_at_step is not None and params.sampling_step == fail_at_step:
@@ -203,9 +223,21 @@ def generate(script_mod, modules, script, args, prompts, negatives=None, *, step
             p.is_hr_pass = True
             p.hr_prompts, p.hr_negative_prompts = list(p.prompts), list(p.negative_prompts)
             p.setup_conds(hires_steps)
-            script.process_before_every_sampling(p, *args)
+            runner.process_before_every_sampling(p)
             latents = (latents, denoise(p, hires_steps, cfg, seed + 1, on_step, shared.opts))
-        script.post_sample(p, scripts.PostSampleArgs(latents), *args)
+        runner.post_sample(p, scripts.PostSampleArgs(latents))
         extra_networks.deactivate(p, data)
-        script.postprocess(p, SimpleNamespace(images=[]), *args)
+        runner.postprocess(p, SimpleNamespace(images=[]))
     return latents, p
+
+
+def api_generate(*a, **kw):
+    """``generate`` behind the WebUI API's error handling: (status, body). An exception that ends
+    the run becomes ``{"error", "detail", "body", "errors"}`` with ``vars(e)``'s ``status_code``
+    (else 500), as ``modules/api/api.py``'s ``handle_exception`` answers."""
+    try:
+        latents, p = generate(*a, **kw)
+    except Exception as e:
+        return vars(e).get("status_code", 500), {"error": type(e).__name__, "detail": vars(e).get("detail", ""),
+                                                 "body": vars(e).get("body", ""), "errors": str(e)}
+    return 200, {"latents": latents, "info": dict(p.extra_generation_params), "comments": dict(p.comments), "p": p}

@@ -162,13 +162,14 @@ def test_prompt_tag_applies_without_the_accordion(webui):
     assert p.prompts == ["a red circle ", "a blue square on black"]
     want = reference(webui, [("circle", 0.5)], ["a red circle ", "a blue square on black"])
     torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
-    assert "SPM" not in p.extra_generation_params  # the tag stays in the prompt, not in "SPM"
+    assert p.extra_generation_params["SPM"] == "circle:0.5"  # what acted, tags included
 
 
 def test_prompt_tag_overrides_the_accordion_strength_for_that_spm(webui):
-    got, _ = run(webui, args(("circle", 1.0)), ["a red circle <spm:circle:0.25>", "a blue square on black"])
+    got, p = run(webui, args(("circle", 1.0)), ["a red circle <spm:circle:0.25>", "a blue square on black"])
     want = reference(webui, [("circle", 0.25)], ["a red circle ", "a blue square on black"])
     torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
+    assert p.extra_generation_params["SPM"] == "circle:0.25"  # the strength that acted
 
 
 def test_ft_off_applies_to_every_row(webui):
@@ -192,12 +193,17 @@ def test_spm_for_another_architecture_is_skipped_with_a_warning(webui):
     got, p = run(webui, args(("xl", 1.0), ("circle", 1.0)), PROMPTS)
     torch.testing.assert_close(got, reference(webui, [("circle", 1.0)], PROMPTS), rtol=0, atol=1e-5)
     assert any("'xl' skipped" in c and "sdxl" in c for c in p.comments)
+    params = p.extra_generation_params
+    assert params["SPM"] == "circle:1" and "xl" not in params["SPM hashes"]  # only what acted
+    assert params["SPM skipped"].startswith("xl: it is for sdxl")
 
 
 def test_missing_spm_in_a_tag_is_skipped_with_a_warning(webui):
     got, p = run(webui, args(enabled=False), ["a red circle <spm:nothere:1>"])
     torch.testing.assert_close(got, reference(webui, [], ["a red circle "]), rtol=0, atol=0)
     assert any("'nothere' skipped" in c for c in p.comments)
+    assert "SPM" not in p.extra_generation_params  # never claims it applied
+    assert p.extra_generation_params["SPM skipped"] == "nothere: no such SPM file"
 
 
 BAD_ARGS = [
@@ -214,8 +220,9 @@ BAD_ARGS = [
 @pytest.mark.parametrize("bad,message", BAD_ARGS, ids=[m for _, m in BAD_ARGS])
 def test_bad_api_args_are_refused_and_change_nothing(webui, bad, message):
     before = {k: v.clone() for k, v in webui.unet.state_dict().items()}
-    with pytest.raises(ValueError, match=message):
-        run(webui, bad, PROMPTS)
+    status, body = miniwebui.api_generate(webui.mod, webui.modules, webui.script, bad, PROMPTS)
+    assert status == 422 and body["error"] == "SPMRequestError", body
+    assert message in body["errors"] and body["errors"].startswith("Concept erasure (SPM): ")
     assert hook_counts(webui.unet) == 0
     assert all(torch.equal(before[k], v) for k, v in webui.unet.state_dict().items())
 
@@ -266,12 +273,16 @@ def test_unloading_the_script_detaches_mid_generation(webui):
 
 def test_infotext_pastes_back_to_the_same_settings(webui):
     a = ApplyArgs(True, True, 1.5, "clipcos_tokenuni", (Choice("circle", 0.7), Choice("star", -0.5)))
-    text = a.infotext({})
-    assert ApplyArgs.from_infotext(text).as_args() == a.as_args()
+    _, p = run(webui, a.as_args(), PROMPTS, steps=1)
+    assert ApplyArgs.from_infotext(p.extra_generation_params).as_args() == a.as_args()
     assert ApplyArgs.from_infotext({"SPM": "circle:oops"}) is None  # unreadable: pasting still works
     assert ApplyArgs.from_infotext({}) is None
-    off = ApplyArgs.from_infotext(ApplyArgs(True, False, choices=(Choice("circle", 1.0),)).infotext({}))
-    assert off.ft is False
+    _, p = run(webui, ApplyArgs(True, False, choices=(Choice("circle", 1.0),)).as_args(), PROMPTS, steps=1)
+    assert ApplyArgs.from_infotext(p.extra_generation_params).ft is False
+    # an SPM the pasted prompt holds as a tag comes back with the prompt, not in the accordion
+    tagged = {"SPM": "circle:0.7, star:0.5", "Prompt": "a red circle <spm:star:0.5>"}
+    assert [c.name for c in ApplyArgs.from_infotext(tagged).choices] == ["circle"]
+    assert ApplyArgs.from_infotext({"SPM": "star:0.5", "Prompt": "<spm:star:0.5>"}) is None
 
 
 def test_xyz_axes_set_strength_model_and_factor(webui):
@@ -289,6 +300,8 @@ def test_xyz_axes_set_strength_model_and_factor(webui):
     labels["[SPM] Model"].apply(p, "circle", None)
     labels["[SPM] Strength"].apply(p, 0.5, None)
     webui.script.before_process(p, *args(enabled=False))
+    p.setup_conds()
+    webui.script.process_before_every_sampling(p, *args(enabled=False))
     assert p.extra_generation_params["SPM"] == "circle:0.5"
     webui.mod.ext().controller.end(p)
 
@@ -350,14 +363,16 @@ def operator_webui(world, tmp_path, enforce: str, arch: str | None = None):
 def test_enforced_spm_applies_whatever_the_user_chooses(world, tmp_path):
     with operator_webui(world, tmp_path, "circle:1") as w:
         want = reference(w, [("circle", 1.0)], PROMPTS)
-        for user in (args(enabled=False), args(("circle", 0.0), factor=0.0), args(("star", 0.0), factor=0.0)):
-            got, _ = run(w, user, PROMPTS)
+        for user in (args(enabled=False), args(("circle", 0.0), factor=0.0)):
+            got, p = run(w, user, PROMPTS)
             torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
-        assert hook_counts(w.unet) == 0
+            assert p.extra_generation_params["SPM enforced"] == "circle:1"
+            assert "SPM" not in p.extra_generation_params  # the user's zero-strength choice did not act
+        assert hook_counts(w.unet) == 2  # only the guard (pre- and post-hook) stays while enforcing
 
 
 def test_generation_is_refused_when_no_enforced_spm_fits(world, tmp_path):
     with operator_webui(world, tmp_path, "xl", arch="sdxl") as w:
-        with pytest.raises(Exception, match="none of the enforced SPMs"):
-            run(w, args(enabled=False), PROMPTS)
-        assert hook_counts(w.unet) == 0
+        status, body = miniwebui.api_generate(w.mod, w.modules, w.script, args(enabled=False), PROMPTS)
+        assert status == 503 and "none of the enforced SPMs" in body["errors"]
+        assert hook_counts(w.unet) == 2

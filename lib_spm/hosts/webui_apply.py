@@ -1,37 +1,49 @@
 """Applying SPMs during WebUI generation: the script's arguments, prompt tags, infotext, and the
 one object that owns what is attached to the loaded model.
 
-The WebUI script (``scripts/spm.py``) only forwards its hooks here. Per generation::
+The WebUI runs every Script method and callback inside ``try/except`` and only reports what
+they raise, so nothing raised there can stop a generation. What must stop one (bad arguments,
+an enforced SPM that cannot act) is therefore decided in those hooks and carried out by a
+*guard*: a forward pre-hook on the UNet, whose exceptions end sampling, fail the API request
+with the message (``SPMRefusal.status_code``) and show it in the UI. Per generation::
 
-    before_process          controller.begin(p, ApplyArgs.parse(args))    (API args validated here)
-    extra network activate  controller.set_tags(p, tag_choices(params))   (``<spm:name:strength>``)
-    before every sampling   controller.before_sampling(p)                 (first pass, hires pass)
-    on_cfg_denoiser         controller.on_cfg_denoiser(params)            (row texts of the step)
+    before_process          controller.begin(p, args)            args checked; never raises
+    extra network activate  controller.set_tags(p, params)       ``<spm:name:strength>``
+    before every sampling   controller.before_sampling(p)        sessions built (first, hires pass)
+    on_cfg_denoiser         controller.on_cfg_denoiser(params)   row texts of the step
+    UNet call               guard                                raises the refusal, if any
     post_sample             controller.after_sampling(p)
     postprocess / p.close   controller.end(p)
 
-Sessions are (re)built when the model or the set of SPMs changes (checkpoint change between
-batches, other tags in the hires prompt) and detached after every sampling; ``end`` runs from
-``postprocess`` and, for generations that fail, from the processing object's ``close`` (the
-WebUI closes every processing object in a ``finally``, UI and API alike). Nothing stays attached.
+With ``--spm-enforce`` the guard also refuses every UNet call that the enforced SPMs are not
+attached to, and every call in which they did not act (a probe on one of their layers): a
+refiner or a model loaded mid-generation, a UNet another extension replaced, a hook of ours that
+failed. The enforced SPMs get a session of their own with the operator's gate settings.
 
-Operator-enforced SPMs (``--spm-enforce``) get a session of their own with the operator's gate
-settings, so no user argument can weaken them; if none of them fits the loaded model, generation
-is refused (fail closed).
+Infotext says what acted, nothing else: ``SPM`` (the user's SPMs, tags included, at their
+effective strengths), ``SPM enforced``, ``SPM hashes`` (of the files applied), ``SPM FT``, and
+``SPM skipped`` (what was chosen but did not act, and why; the UI also shows it under the image).
+Paste-back restores the accordion from ``SPM`` minus the SPMs the pasted prompt holds as tags;
+``SPM enforced`` is never pasted into user fields.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
-import math
+import re
+import weakref
 from dataclasses import dataclass, field, replace
 from typing import Callable, Sequence
 
 from .. import archs, functional
-from ..errors import SPMError, SPMValueError
-from ..library import SPMLibrary
+from ..errors import (ArchitectureMismatch, ModerationUnavailable, SPMError, SPMKeyError, SPMRefusal, SPMValueError,
+                      SPMRequestError, SPMShapeError, UnresolvedKeysError)
+from ..library import SPMLibrary, check_name
+from ..moderation import Policy, opposed
 from ..session import GateSettings, Session
 from ..spm_file import SPMFile
+from ..values import flag, number, parse_name_weights
 from .webui import PromptTokens, WebUIConcepts, WebUIRows, flagged_arch, unet_of
 
 log = logging.getLogger("sd-webui-spm")
@@ -42,35 +54,19 @@ MAX_STRENGTH = 10.0
 MAX_FACTOR = 10.0
 
 INFO_SPM, INFO_HASHES, INFO_FT = "SPM", "SPM hashes", "SPM FT"
+INFO_ENFORCED, INFO_SKIPPED = "SPM enforced", "SPM skipped"
+INFO_KEYS = (INFO_SPM, INFO_HASHES, INFO_FT, INFO_ENFORCED, INFO_SKIPPED)
+PREFIX = "Concept erasure (SPM): "
+
+# what a file that does not suit the loaded UNet raises when attached (skipped, not refused)
+_DOES_NOT_FIT = (ArchitectureMismatch, UnresolvedKeysError, SPMShapeError, SPMKeyError)
 
 
 @dataclass(frozen=True)
 class Choice:
     name: str
     strength: float
-    source: str = "ui"  # ui | prompt | xyz | enforced
-
-
-def _number(value, what: str, lo: float, hi: float) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
-        raise SPMValueError(f"{what} must be a number, not {type(value).__name__}")
-    try:
-        x = float(value)
-    except ValueError:
-        raise SPMValueError(f"{what} must be a number, not {value!r}") from None
-    if not math.isfinite(x) or not lo <= x <= hi:
-        raise SPMValueError(f"{what} must be between {lo:g} and {hi:g}, not {value!r}")
-    return x
-
-
-def _flag(value, what: str) -> bool:
-    if isinstance(value, bool):
-        return value
-    if isinstance(value, (int, float)) and value in (0, 1):
-        return bool(value)
-    if isinstance(value, str) and value.strip().lower() in ("true", "false", "on", "off", "1", "0"):
-        return value.strip().lower() in ("true", "on", "1")
-    raise SPMValueError(f"{what} must be true or false, not {value!r}")
+    source: str = "ui"  # ui | prompt | xyz
 
 
 @dataclass(frozen=True)
@@ -91,14 +87,14 @@ class ApplyArgs:
         args = list(args)
         if len(args) > len(HEAD) + 2 * SLOTS:
             raise SPMValueError(f"SPM script takes at most {len(HEAD) + 2 * SLOTS} args "
-                                f"({', '.join(HEAD)}, then name and strength for {SLOTS} SPMs), got {len(args)}")
+                                  f"({', '.join(HEAD)}, then name and strength for {SLOTS} SPMs), got {len(args)}")
         d = cls()
         head = dict(zip(HEAD, args))
-        enabled = _flag(head.get("enabled", d.enabled), "enabled")
-        ft = _flag(head.get("ft", d.ft), "ft (Facilitated Transport)")
-        factor = _number(head.get("factor", d.factor), "FT factor", 0.0, MAX_FACTOR)
+        enabled = flag(head.get("enabled", d.enabled), "enabled")
+        ft = flag(head.get("ft", d.ft), "ft (Facilitated Transport)")
+        factor = number(head.get("factor", d.factor), "FT factor", 0.0, MAX_FACTOR)
         metric = head.get("metric", d.metric)
-        if metric not in functional.METRICS:
+        if not isinstance(metric, str) or metric not in functional.METRICS:
             raise SPMValueError(f"unknown FT metric {metric!r}; choose one of {', '.join(functional.METRICS)}")
         choices = []
         rest = args[len(HEAD):]
@@ -109,49 +105,38 @@ class ApplyArgs:
                 continue
             if not isinstance(name, str):
                 raise SPMValueError(f"SPM {i // 2 + 1}: name must be a string, not {type(name).__name__}")
-            choices.append(Choice(name.strip(), _number(strength, f"strength of SPM {name!r}", -MAX_STRENGTH,
-                                                        MAX_STRENGTH)))
+            choices.append(Choice(name.strip(), number(strength, f"strength of SPM {name!r}",
+                                                       -MAX_STRENGTH, MAX_STRENGTH)))
         return cls(enabled, ft, factor, metric, tuple(choices))
 
     def gate(self) -> GateSettings:
         return GateSettings(enabled=self.ft, factor=self.factor, metric=self.metric)
 
-    # -- infotext ----------------------------------------------------------------------------
-    def infotext(self, hashes: dict[str, str]) -> dict[str, str]:
-        """Generation parameters for the UI-chosen SPMs (prompt tags are in the prompt already)."""
-        if not self.enabled or not self.choices:
-            return {}
-        out = {INFO_SPM: ", ".join(f"{c.name}:{c.strength:g}" for c in self.choices)}
-        known = [f"{c.name}: {hashes[c.name]}" for c in self.choices if c.name in hashes]
-        if known:
-            out[INFO_HASHES] = ", ".join(known)
-        out[INFO_FT] = f"{self.metric} x{self.factor:g}" if self.ft else "off"
-        return out
-
     @classmethod
     def from_infotext(cls, params: dict) -> "ApplyArgs | None":
-        """The settings a pasted infotext describes; None when it has no SPM entry.
+        """The accordion settings a pasted infotext describes; None when it has none.
 
-        Unreadable entries give None rather than an error: pasting never fails on our account.
+        SPMs the pasted prompt holds as ``<spm:...>`` tags come back with the prompt, so they are
+        left out; ``SPM enforced`` is the operator's and never pasted. Unreadable entries give
+        None rather than an error: pasting never fails on our account.
         """
         text = params.get(INFO_SPM)
         if not isinstance(text, str) or not text.strip():
             return None
+        tagged = {m.group(1).split(":")[0].strip() for m in _TAG.finditer(str(params.get("Prompt", "")))}
         try:
-            choices = []
-            for part in _split_list(text)[:SLOTS]:
-                name, sep, strength = part.rpartition(":")
-                if not sep:
-                    name, strength = part, "1"
-                choices.append(Choice(name.strip(), _number(strength.strip(), "strength", -MAX_STRENGTH, MAX_STRENGTH)))
+            choices = tuple(Choice(n, s) for n, s in parse_name_weights(text, what="strength", lo=-MAX_STRENGTH,
+                                                                        hi=MAX_STRENGTH) if n not in tagged)[:SLOTS]
+            if not choices:
+                return None
             ft_text = str(params.get(INFO_FT, "")).strip()
             if not ft_text or ft_text == "off":
-                return cls(True, ft_text != "off", choices=tuple(choices))
+                return cls(True, ft_text != "off", choices=choices)
             metric, _, factor = ft_text.rpartition(" x")
             if metric not in functional.METRICS:
-                return cls(True, True, choices=tuple(choices))
-            return cls(True, True, _number(factor, "FT factor", 0.0, MAX_FACTOR), metric, tuple(choices))
-        except SPMValueError:
+                return cls(True, True, choices=choices)
+            return cls(True, True, number(factor, "FT factor", 0.0, MAX_FACTOR), metric, choices)
+        except SPMError:
             return None
 
     def as_args(self) -> list:
@@ -163,8 +148,7 @@ class ApplyArgs:
         return out
 
 
-def _split_list(text: str) -> list[str]:
-    return [p.strip() for p in text.split(",") if p.strip()]
+_TAG = re.compile(r"<spm:([^>]+)>")
 
 
 def tag_choices(params_list, default_strength: float = 1.0) -> tuple[Choice, ...]:
@@ -175,23 +159,11 @@ def tag_choices(params_list, default_strength: float = 1.0) -> tuple[Choice, ...
         if not pos or not str(pos[0]).strip():
             raise SPMValueError("a <spm:...> tag needs a name: <spm:name:strength>")
         name = str(pos[0]).strip()
-        strength = _number(pos[1], f"strength in <spm:{name}:...>", -MAX_STRENGTH, MAX_STRENGTH) \
+        if len(pos) > 2:
+            raise SPMValueError(f"<spm:{':'.join(map(str, pos))}> has {len(pos)} parts; write <spm:name:strength>")
+        strength = number(str(pos[1]).strip(), f"strength in <spm:{name}:...>", -MAX_STRENGTH, MAX_STRENGTH) \
             if len(pos) > 1 else float(default_strength)
         out.append(Choice(name, strength, "prompt"))
-    return tuple(out)
-
-
-def parse_enforced(text: str | None) -> tuple[Choice, ...]:
-    """The operator's ``--spm-enforce "name:strength,other"``."""
-    if not text:
-        return ()
-    out = []
-    for part in _split_list(text):
-        name, sep, strength = part.rpartition(":")
-        if not sep:
-            name, strength = part, "1"
-        out.append(Choice(name.strip(), _number(strength, f"enforced strength of {name!r}", 0.0, MAX_STRENGTH),
-                          "enforced"))
     return tuple(out)
 
 
@@ -235,32 +207,47 @@ class _CachedConcepts:
 
 
 @dataclass
+class _Attached:
+    session: Session
+    rows: WebUIRows
+    enforced: bool
+    probe: object = None  # hook handle on one of an enforced session's layers
+
+
+@dataclass
 class _Generation:
     p: object
-    args: ApplyArgs
-    xyz: dict = field(default_factory=dict)
+    args: ApplyArgs = field(default_factory=ApplyArgs)
     tags: tuple[Choice, ...] = ()
+    refusal: SPMRefusal | None = None
     key: tuple | None = None
-    sessions: list[Session] = field(default_factory=list)
-    rows: list[WebUIRows] = field(default_factory=list)  # one per session
-    warned: set = field(default_factory=set)
-    applied: tuple[Choice, ...] = ()
+    attached: list[_Attached] = field(default_factory=list)
+    acted: dict = field(default_factory=dict)  # name -> (strength, short hash): user SPMs that acted
+    enforced_acted: dict = field(default_factory=dict)
+    skipped: dict = field(default_factory=dict)  # name -> why
+
+    def refuse(self, refusal: SPMRefusal) -> None:
+        if self.refusal is None:  # the first reason is the one to fix first
+            self.refusal = refusal
 
 
 class SPMController:
     """The one owner of everything the extension attaches to the loaded model.
 
-    ``webui`` gives the WebUI's ``shared`` module (``sd_model``, ``opts``); tests pass a stand-in.
+    ``shared`` gives the WebUI's ``shared`` module (``sd_model``, ``opts``); tests pass a stand-in.
     """
 
-    def __init__(self, library: SPMLibrary, *, enforced: Sequence[Choice] = (), enforced_gate: GateSettings | None = None,
+    def __init__(self, library: SPMLibrary, *, policy: Policy = Policy(), enforced_gate: GateSettings | None = None,
                  shared=None):
         self.library = library
-        self.enforced = tuple(enforced)
+        self.policy = policy
         self.enforced_gate = enforced_gate or GateSettings()
         self._shared = shared
         self._gen: _Generation | None = None
         self._model_state: tuple | None = None  # (sd_model, PromptTokens, _CachedConcepts)
+        self._guards: dict[int, tuple[weakref.ref, list]] = {}  # id(unet) -> (unet, hook handles)
+        self._trusted = 0  # > 0 while our own training job runs the UNet
+        self._probe_fired = False
 
     # -- WebUI state ---------------------------------------------------------------------------
     @property
@@ -284,61 +271,85 @@ class SPMController:
         return st
 
     # -- a generation --------------------------------------------------------------------------
-    def begin(self, p, args: ApplyArgs) -> None:
-        """Start a generation: drop anything a failed one left, remember the user's choices."""
+    def begin(self, p, raw_args) -> None:
+        """Start a generation: drop anything a failed one left, check the user's choices.
+        Never raises: what is wrong becomes the generation's refusal, carried out by the guard."""
         self._drop()
-        xyz = dict(getattr(p, "spm_xyz", None) or {})
-        if "model" in xyz:
-            first = args.choices[0] if args.choices else Choice(xyz["model"], 1.0)
-            args = replace(args, enabled=True, choices=(replace(first, name=xyz["model"], source="xyz"),) + args.choices[1:])
-        if "strength" in xyz:
-            args = replace(args, choices=tuple(replace(c, strength=float(xyz["strength"])) for c in args.choices))
-        if "factor" in xyz:
-            args = replace(args, factor=float(xyz["factor"]))
-        self._gen = _Generation(p, args, xyz)
-        hashes = {}
-        if args.enabled:
-            for c in args.choices:
-                try:
-                    hashes[c.name] = self.library.get(c.name).short_hash
-                except SPMError:
-                    pass
-        p.extra_generation_params.update(args.infotext(hashes))
+        g = self._gen = _Generation(p)
+        params = getattr(p, "extra_generation_params", None)
+        if isinstance(params, dict):
+            for k in INFO_KEYS:
+                params.pop(k, None)
+        if self.policy.error:
+            g.refuse(ModerationUnavailable(PREFIX + self.policy.error))
+        try:
+            args = self._with_xyz(ApplyArgs.parse(raw_args), dict(getattr(p, "spm_xyz", None) or {}))
+            if args.enabled:
+                self._check_user(args.choices, explicit=True)
+            g.args = args
+        except SPMError as e:
+            g.refuse(_as_request_error(e))
+        except Exception as e:  # a bug of ours must not let the request run as if nothing was asked
+            log.exception("checking the SPM arguments failed")
+            g.refuse(SPMRequestError(f"{PREFIX}checking the arguments failed: {type(e).__name__}: {e}"))
+        self._guard_current()
         self._chain_close(p)
 
-    def set_tags(self, p, tags: Sequence[Choice]) -> None:
-        if self._gen is not None and self._gen.p is p:
-            self._gen.tags = tuple(tags)
+    def set_tags(self, p, params_list, default_strength: float = 1.0) -> None:
+        """The ``<spm:...>`` tags of this pass (each call replaces the previous one's)."""
+        g = self._gen
+        if g is None or g.p is not p:
+            self.begin(p, [])
+            g = self._gen
+        try:
+            tags = tag_choices(params_list, default_strength)
+            self._check_user(tags, explicit=False)
+            g.tags = tags
+        except SPMError as e:
+            g.refuse(_as_request_error(e))
+            self._guard_current()
 
     def before_sampling(self, p) -> None:
         g = self._gen
         if g is None or g.p is not p:
-            self._drop()
-            g = self._gen = _Generation(p, ApplyArgs())
-        user = merge_choices(g.args.choices if g.args.enabled else (), g.tags)
-        if not user and not self.enforced:
+            self.begin(p, [])  # our before_process did not run for this p: nothing the user chose
+            g = self._gen
+        sd_model = getattr(self.shared, "sd_model", None)
+        self._guard_current()
+        if g.refusal is not None:
             self._detach(g)
             return
-        sd_model = self.shared.sd_model
+        user = merge_choices(g.args.choices if g.args.enabled else (), g.tags)
+        if not user and not self.policy.enforced:
+            self._detach(g)
+            return
         key = (id(sd_model), user, g.args.gate())
         if g.key == key:  # the hires pass, the next batch: same model, same SPMs
-            for s in g.sessions:
-                if not s.attached:
-                    s.attach()
+            for a in g.attached:
+                if not a.session.attached:
+                    a.session.attach()
+                    self._arm_probe(a)
             return
         self._detach(g)
-        g.sessions, g.rows, g.applied, g.key = [], [], (), None
+        g.attached, g.key = [], None
         try:
             self._build(g, sd_model, user)
-        except BaseException:
+            g.key = key
+        except SPMRefusal as e:
             self._detach(g)
-            raise
-        g.key = key
+            g.refuse(e)
+        except Exception as e:
+            self._detach(g)
+            log.exception("attaching SPMs failed")
+            kind = ModerationUnavailable if self.policy.enforcing else SPMRequestError
+            g.refuse(kind(f"{PREFIX}attaching SPMs failed: {type(e).__name__}: {e}"))
+        self._guard_current()
+        self._write_infotext(g)
 
     def on_cfg_denoiser(self, params) -> None:
         if self._gen is not None:
-            for rows in self._gen.rows:
-                rows.on_cfg_denoiser(params)
+            for a in self._gen.attached:
+                a.rows.on_cfg_denoiser(params)
 
     def after_sampling(self, p) -> None:
         if self._gen is not None and self._gen.p is p:
@@ -349,34 +360,174 @@ class SPMController:
             self._drop()
 
     def model_changed(self, sd_model=None) -> None:
-        """A checkpoint was loaded: nothing may stay on the old model; cached encodings go."""
-        self._drop()
+        """A checkpoint was loaded (between requests, or inside one: an override, the refiner).
+        Nothing stays on the old model and cached encodings go; the request's choices stay and
+        its sessions are rebuilt for the new model at its next sampling."""
+        if self._gen is not None:
+            self._detach(self._gen)
+            self._gen.key = None
         self._model_state = None
+        if self.policy.enforcing:
+            self.watch(sd_model)
+            self.check_policy(sd_model)
 
     def shutdown(self) -> None:
         self._drop()
         self._model_state = None
+        self._unguard()
+
+    @contextlib.contextmanager
+    def trusted(self):
+        """Our own training job runs the UNet (the WebUI's queue lock keeps generations out):
+        the enforcement guard lets those calls through."""
+        self._drop()
+        self._trusted += 1
+        try:
+            yield
+        finally:
+            self._trusted -= 1
 
     @property
     def attached(self) -> bool:
-        return self._gen is not None and any(s.attached for s in self._gen.sessions)
+        return self._gen is not None and any(a.session.attached for a in self._gen.attached)
 
     @property
-    def applied(self) -> tuple[Choice, ...]:
-        """The SPMs the current generation's sessions hold."""
-        return self._gen.applied if self._gen is not None else ()
+    def applied(self) -> tuple[str, ...]:
+        """Names of the SPMs the current generation's sessions hold (enforced first)."""
+        g = self._gen
+        return tuple(g.enforced_acted) + tuple(g.acted) if g is not None else ()
+
+    # -- start-up and model checks -------------------------------------------------------------
+    def check_policy(self, sd_model=None) -> list[str]:
+        """Say loudly, in the log, what of the operator's settings cannot act (at start-up and on
+        every model load). Returns the problems found."""
+        pol = self.policy
+        if not pol.enforcing:
+            return []
+        problems = [pol.error] if pol.error else []
+        arch = None
+        if sd_model is not None:
+            with contextlib.suppress(Exception):
+                arch = model_arch(sd_model)
+        fits = 0
+        for e in pol.enforced:
+            try:
+                spm = self.library.load(e.name)
+            except SPMError as err:
+                problems.append(f"enforced SPM {e.name!r} cannot be used: {err}")
+                continue
+            if arch is not None and spm.arch is not None and spm.arch != arch:
+                log.warning("sd-webui-spm: enforced SPM %r is for %s; the loaded model is %s, so it is skipped there",
+                            e.name, spm.arch, arch)
+            else:
+                fits += 1
+        if pol.enforced and arch is not None and not fits:
+            problems.append(f"none of the enforced SPMs fits the loaded {arch} model")
+        for text in problems:
+            log.error("sd-webui-spm: %s: EVERY GENERATION WILL BE REFUSED until this is fixed", text)
+        return problems
+
+    # -- the guard -----------------------------------------------------------------------------
+    def _guard_current(self) -> None:
+        """Guard the loaded model while SPMs are enforced (always) or this generation is refused."""
+        if self.policy.enforcing or (self._gen is not None and self._gen.refusal is not None):
+            self.watch(getattr(self.shared, "sd_model", None))
+
+    def _unguard(self) -> None:
+        for _, handles in self._guards.values():
+            for h in handles:
+                h.remove()
+        self._guards.clear()
+
+    def watch(self, sd_model) -> None:
+        """Put the guard on this model's UNet (once per UNet object)."""
+        if sd_model is None:
+            return
+        try:
+            unet = unet_of(sd_model)
+        except SPMError as e:
+            if self.policy.enforcing:
+                log.error("sd-webui-spm: cannot guard this model (%s): generation with it cannot be moderated", e)
+            return
+        key = id(unet)
+        entry = self._guards.get(key)
+        if entry is not None and entry[0]() is unet:
+            return
+        for k in [k for k, (ref, _) in self._guards.items() if ref() is None]:
+            del self._guards[k]
+        handles = [unet.register_forward_pre_hook(self._on_unet_call, with_kwargs=True),
+                   unet.register_forward_hook(self._after_unet_call)]
+        self._guards[key] = (weakref.ref(unet), handles)
+
+    def _on_unet_call(self, module, args, kwargs):
+        g = self._gen
+        if g is not None and g.refusal is not None:
+            raise g.refusal
+        if not self.policy.enforcing or self._trusted:
+            return None
+        if g is None or not any(a.enforced and a.session.attached and a.session.unet is module for a in g.attached):
+            raise ModerationUnavailable(
+                f"{PREFIX}the operator's enforced SPMs are not attached to this UNet, so it may not run "
+                "(a refiner, a model loaded mid-generation, or a UNet call outside a generation)")
+        self._probe_fired = False
+        return None
+
+    def _after_unet_call(self, module, args, output):
+        if self.policy.enforcing and not self._trusted and not self._probe_fired:
+            raise ModerationUnavailable(f"{PREFIX}the enforced SPMs did not act in this UNet call "
+                                        "(another extension replaced the UNet's computation?); refused")
+        return None
+
+    def _arm_probe(self, a: _Attached) -> None:
+        """A hook on the last layer an enforced session adapts: proof, per UNet call, that its
+        hooks ran."""
+        if not a.enforced:
+            return
+        if a.probe is not None:
+            a.probe.remove()
+        module = a.session.unet.get_submodule(a.session.layer_paths[-1])
+
+        def fired(*_):
+            self._probe_fired = True
+
+        a.probe = module.register_forward_hook(fired)
 
     # -- internals -----------------------------------------------------------------------------
+    def _with_xyz(self, args: ApplyArgs, xyz: dict) -> ApplyArgs:
+        if "model" in xyz:
+            first = args.choices[0] if args.choices else Choice(str(xyz["model"]), 1.0)
+            args = replace(args, enabled=True,
+                           choices=(replace(first, name=str(xyz["model"]), source="xyz"),) + args.choices[1:])
+        if "strength" in xyz:
+            s = number(xyz["strength"], "[SPM] Strength", -MAX_STRENGTH, MAX_STRENGTH)
+            args = replace(args, choices=tuple(replace(c, strength=s) for c in args.choices))
+        if "factor" in xyz:
+            args = replace(args, factor=number(xyz["factor"], "[SPM] FT factor", 0.0, MAX_FACTOR))
+        return args
+
+    def _check_user(self, choices: Sequence[Choice], *, explicit: bool) -> None:
+        """Names must be safe and allowed by the policy; an explicitly chosen SPM must load
+        (a tag naming no file is only skipped, as the built-in Lora does)."""
+        for c in choices:
+            check_name(c.name)
+            self.policy.check_user_strength(c.name, c.strength)
+            if explicit:
+                self.library.load(c.name)
+
     def _detach(self, g: _Generation) -> None:
-        for s in g.sessions:
-            s.detach()
-        for rows in g.rows:
-            rows.reset()
+        for a in g.attached:
+            if a.probe is not None:
+                a.probe.remove()
+                a.probe = None
+            a.session.detach()
+            a.rows.reset()
 
     def _drop(self) -> None:
         if self._gen is not None:
             self._detach(self._gen)
             self._gen = None
+        if not self.policy.enforcing:
+            self._unguard()  # a refused generation's guard goes with it
 
     def _chain_close(self, p) -> None:
         """Run :meth:`end` when the WebUI closes ``p`` (its ``finally``), on error too."""
@@ -393,70 +544,122 @@ class SPMController:
         closing._spm_end = True
         p.close = closing
 
-    def _warn(self, g: _Generation, text: str) -> None:
-        if text in g.warned:
+    def _skip(self, g: _Generation, name: str, why: str) -> None:
+        if name in g.skipped:
             return
-        g.warned.add(text)
+        g.skipped[name] = why
+        text = f"SPM {name!r} skipped: {why}"
         log.warning(text)
         comment = getattr(g.p, "comment", None)
         if callable(comment):
             comment(text)
 
-    def _load(self, g: _Generation, c: Choice, arch: str | None) -> SPMFile | None:
+    def _write_infotext(self, g: _Generation) -> None:
+        params = getattr(g.p, "extra_generation_params", None)
+        if not isinstance(params, dict):
+            return
+        for k in INFO_KEYS:
+            params.pop(k, None)
+        hashes = {**g.enforced_acted, **g.acted}
+        if g.acted:
+            params[INFO_SPM] = ", ".join(f"{n}:{s:g}" for n, (s, _) in g.acted.items())
+            params[INFO_FT] = f"{g.args.metric} x{g.args.factor:g}" if g.args.ft else "off"
+        if g.enforced_acted:
+            params[INFO_ENFORCED] = ", ".join(f"{n}:{s:g}" for n, (s, _) in g.enforced_acted.items())
+        if hashes:
+            params[INFO_HASHES] = ", ".join(f"{n}: {h}" for n, (_, h) in hashes.items())
+        skipped = {n: w for n, w in g.skipped.items() if n not in g.acted}
+        if skipped:
+            params[INFO_SKIPPED] = "; ".join(f"{n}: {w}" for n, w in skipped.items())
+
+    def _load_user(self, g: _Generation, c: Choice, arch: str | None) -> SPMFile | None:
+        if c.source == "prompt" and not self.library.exists(c.name):
+            self._skip(g, c.name, "no such SPM file")
+            return None
         try:
             spm = self.library.load(c.name)
         except SPMError as e:
-            if c.source == "enforced":
-                raise
-            self._warn(g, f"SPM {c.name!r} skipped: {e}")
+            if c.source != "prompt":
+                raise _as_request_error(e) from None
+            self._skip(g, c.name, str(e))
             return None
-        if arch is not None and spm.metadata.arch is not None and spm.metadata.arch != arch:
-            if c.source != "enforced":
-                self._warn(g, f"SPM {c.name!r} skipped: it is for {spm.metadata.arch}, the loaded model is {arch}")
+        if arch is not None and spm.arch is not None and spm.arch != arch:
+            self._skip(g, c.name, f"it is for {spm.arch}, the loaded model is {arch}")
             return None
         return spm
+
+    def _load_enforced(self, arch: str | None) -> list[tuple[Choice, SPMFile]]:
+        out = []
+        for e in self.policy.enforced:
+            try:
+                spm = self.library.load(e.name)
+            except SPMError as err:
+                raise ModerationUnavailable(f"{PREFIX}generation refused: the enforced SPM {e.name!r} "
+                                            f"cannot be used: {err}") from None
+            if arch is not None and spm.arch is not None and spm.arch != arch:
+                continue  # for the operator's other models
+            out.append((Choice(e.name, e.strength, "enforced"), spm))
+        return out
 
     def _build(self, g: _Generation, sd_model, user: tuple[Choice, ...]) -> None:
         """Attach one session for the enforced SPMs (operator's gate) and one for the user's."""
         arch = model_arch(sd_model)
         unet = unet_of(sd_model)
         _, tokens, concepts = self._for_model(sd_model)
-        groups = [(user, g.args.gate(), False)]
-        if self.enforced:
-            groups.insert(0, (self.enforced, self.enforced_gate, True))
-        for choices, gate, enforced in groups:
-            spms = [(c, s) for c in choices if (s := self._load(g, c, arch)) is not None]
-            if enforced and not spms:
-                raise SPMValueError(f"generation refused: none of the enforced SPMs "
-                                    f"({', '.join(c.name for c in self.enforced)}) fits the loaded {arch} model")
-            if spms:
-                # each session walks the step's rows itself, so each has its own row reader
-                rows = WebUIRows(tokens, sd_model=sd_model, opts=self.shared.opts)
-                self._attach(g, unet, spms, gate, concepts, rows, enforced)
+        if self.policy.enforced:
+            enforced = self._load_enforced(arch)
+            if not enforced or not self._attach(g, unet, enforced, self.enforced_gate, concepts, tokens, sd_model,
+                                                 enforced=True):
+                raise ModerationUnavailable(
+                    f"{PREFIX}generation refused: none of the enforced SPMs "
+                    f"({', '.join(e.name for e in self.policy.enforced)}) fits the loaded {arch} model")
+        spms = [(c, s) for c in user if (s := self._load_user(g, c, arch)) is not None]
+        if spms and self.policy.enforced:
+            against = [(c.name, c.strength, s) for c, s in self._load_enforced(arch)]
+            why = opposed(unet, [(c.name, c.strength, s) for c, s in spms], against)
+            if why:
+                raise SPMRequestError(PREFIX + why)
+        if spms:
+            self._attach(g, unet, spms, g.args.gate(), concepts, tokens, sd_model, enforced=False)
 
-    def _attach(self, g: _Generation, unet, spms, gate: GateSettings, concepts, rows: WebUIRows,
-                enforced: bool) -> None:
-        """Attach a session with every SPM that fits this UNet; those that do not are named and
-        skipped (an enforced one that does not fit refuses the generation)."""
-
-        def attach(items):
-            s = Session(unet, [(spm, c.strength) for c, spm in items], encoder=concepts if gate.enabled else None,
-                        gate=gate, conditioning_of=rows.conditioning_of, row_tokens=rows).attach()
-            g.sessions.append(s)
-            g.rows.append(rows)
-            g.applied += tuple(c for c, _ in items)
-
+    def _attach(self, g: _Generation, unet, spms, gate: GateSettings, concepts, tokens, sd_model, *,
+                enforced: bool) -> list:
+        """Attach a session with every SPM that fits this UNet and record what acted; those that
+        do not fit are skipped (named in the note; enforced ones in the log)."""
+        # each session walks the step's rows itself, so each has its own row reader
+        rows = WebUIRows(tokens, sd_model=sd_model, opts=self.shared.opts)
+        good = list(spms)
         try:
-            return attach(spms)
-        except SPMError:
-            if enforced:
-                raise
-        good = []
-        for c, spm in spms:
-            try:
-                with Session(unet, [(spm, c.strength)], gate=GateSettings(enabled=False)):
-                    good.append((c, spm))
-            except SPMError as e:
-                self._warn(g, f"SPM {c.name!r} skipped: {e}")
-        if good:
-            attach(good)
+            session = self._session(unet, good, gate, concepts, rows).attach()
+        except _DOES_NOT_FIT:
+            good = []
+            for c, spm in spms:
+                try:
+                    with Session(unet, [(spm, c.strength)], gate=GateSettings(enabled=False)):
+                        good.append((c, spm))
+                except _DOES_NOT_FIT as e:
+                    if enforced:
+                        log.warning("sd-webui-spm: enforced SPM %r does not fit this model: %s", c.name, e)
+                    else:
+                        self._skip(g, c.name, str(e))
+            if not good:
+                return []
+            session = self._session(unet, good, gate, concepts, rows).attach()
+        a = _Attached(session, rows, enforced)
+        g.attached.append(a)
+        self._arm_probe(a)
+        acted = g.enforced_acted if enforced else g.acted
+        for c, spm in good:
+            acted[c.name] = (c.strength, (spm.sha256 or "")[:10])
+        return good
+
+    @staticmethod
+    def _session(unet, spms, gate: GateSettings, concepts, rows: WebUIRows) -> Session:
+        return Session(unet, [(spm, c.strength) for c, spm in spms], encoder=concepts if gate.enabled else None,
+                       gate=gate, conditioning_of=rows.conditioning_of, row_tokens=rows)
+
+
+def _as_request_error(e: SPMError) -> SPMRefusal:
+    if isinstance(e, SPMRefusal):
+        return e if str(e).startswith(PREFIX) else type(e)(PREFIX + str(e))
+    return SPMRequestError(PREFIX + str(e))

@@ -16,8 +16,9 @@ from pathlib import Path
 from ..errors import SPMError
 from ..jobs import JobRunner
 from ..library import SPMLibrary
+from ..moderation import Policy
 from ..session import GateSettings
-from .webui_apply import Choice, SPMController, model_arch, parse_enforced
+from .webui_apply import SPMController, model_arch
 
 SECTION = ("spm", "Concept erasure (SPM)")
 TAG = "spm"
@@ -36,10 +37,11 @@ def spm_dir(cmd_opts, models_path: str | os.PathLike) -> Path:
 class Extension:
     """Everything the extension keeps between requests."""
 
-    def __init__(self, root: Path, *, enforced: tuple[Choice, ...] = (), shared=None):
+    def __init__(self, root: Path, *, policy: Policy = Policy(), shared=None):
         root.mkdir(parents=True, exist_ok=True)
         self.library = SPMLibrary(root)
-        self.controller = SPMController(self.library, enforced=enforced, shared=shared)
+        self.policy = policy
+        self.controller = SPMController(self.library, policy=policy, shared=shared)
         self.jobs = JobRunner()  # training/merging: one at a time, and found again after a page reload
         self._shared = shared
 
@@ -47,8 +49,19 @@ class Extension:
     def from_webui(cls) -> "Extension":
         shared = _webui("shared")
         paths = _webui("paths")
-        enforced = parse_enforced(getattr(shared.cmd_opts, "spm_enforce", None))
-        return cls(spm_dir(shared.cmd_opts, paths.models_path), enforced=enforced)
+        policy = Policy.parse(getattr(shared.cmd_opts, "spm_enforce", None),
+                              lockdown=bool(getattr(shared.cmd_opts, "spm_lockdown", False)))
+        ext = cls(spm_dir(shared.cmd_opts, paths.models_path), policy=policy)
+        ext.controller.check_policy(getattr(shared, "sd_model", None))  # start-up: say what cannot act
+        return ext
+
+    @property
+    def read_only(self) -> str | None:
+        """Why the tab may not write SPMs or checkpoints (``--spm-lockdown``), or None."""
+        if self.policy.lockdown:
+            return ("The operator has locked this server (--spm-lockdown): SPMs cannot be trained, merged, "
+                    "baked, renamed, edited or deleted here, and user SPMs are off.")
+        return None
 
     @property
     def shared(self):
@@ -65,6 +78,20 @@ class Extension:
 
     def names(self) -> list[str]:
         return [e.name for e in self.library.entries() if e.error is None]
+
+    def locked_html(self) -> str:
+        """The operator's SPMs, shown locked in the accordion."""
+        pol = self.policy
+        if not pol.enforcing:
+            return ""
+        if pol.error:
+            body = html.escape(pol.error) + " Every generation is refused until the operator fixes it."
+        else:
+            body = "Always applied, cannot be changed: " + html.escape(", ".join(
+                f"{e.name}:{e.strength:g}" for e in pol.enforced) or "(none)")
+            body += (" User SPMs are off on this server." if pol.lockdown else
+                     " Your SPMs add to these; negative strengths are refused.")
+        return f"<p class='spm-locked'>\U0001f512 Enforced by the operator. {body}</p>"
 
     def describe(self, names) -> str:
         """HTML under the accordion: each chosen SPM's targets and whether it fits the loaded model."""
@@ -115,6 +142,7 @@ class Extension:
 
     # -- API ------------------------------------------------------------------------------------
     def api_list(self) -> list[dict]:
+        """The SPM folder for ``/spm/v1/models``."""
         out = []
         for e in self.library.entries():
             out.append({"name": e.name, "targets": list(e.targets), "arch": e.arch, "rank": e.rank,

@@ -46,13 +46,17 @@ class WebUIHost:
     def backend(self, resolution: int):
         from .webui_train import WebUIBackend
 
-        self.ext.controller.shutdown()  # nothing of a generation may be on the model being trained against
-        return WebUIBackend(self._model(), resolution)
+        if self.ext.read_only:
+            raise SPMRuntimeError(self.ext.read_only)
+        # previews are images of the model without the enforced SPMs: none while an operator enforces
+        return WebUIBackend(self._model(), resolution, previews=not self.ext.policy.enforcing)
 
     @contextlib.contextmanager
     def job(self, title: str):
+        """The WebUI's queue lock (no generation runs meanwhile) and progress bar; the controller
+        drops what a generation left on the model and lets this job's UNet calls through."""
         state = self._shared.state
-        with _webui("call_queue").queue_lock:
+        with _webui("call_queue").queue_lock, self.ext.controller.trusted():
             state.begin(job=title)
             try:
                 yield

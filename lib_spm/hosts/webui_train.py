@@ -62,9 +62,11 @@ def model_kind(sd_model) -> str:
 
 
 class WebUIBackend:
-    """Fits :class:`~lib_spm.trainer.Backend`: trains on the WebUI's loaded model, unchanged."""
+    """Fits :class:`~lib_spm.trainer.Backend`: trains on the WebUI's loaded model, unchanged.
 
-    def __init__(self, sd_model, resolution: int = 512):
+    ``previews=False``: no ``decode`` (the job then makes no preview images)."""
+
+    def __init__(self, sd_model, resolution: int = 512, *, previews: bool = True):
         if resolution < 64 or resolution % 8:
             raise SPMValueError(f"resolution must be a multiple of 8 and at least 64, not {resolution}")
         self.arch = model_kind(sd_model)
@@ -81,6 +83,8 @@ class WebUIBackend:
         self.alphas_cumprod = torch.as_tensor(sd_model.alphas_cumprod).detach().float().to(self.device)
         self.resolution = resolution
         self.latent_shape = (4, resolution // 8, resolution // 8)
+        if not previews:
+            self.decode = None  # the job checks callable(backend.decode)
 
     def _precision(self):
         """The WebUI's autocast; without the WebUI, torch's on a half-precision CUDA UNet."""

@@ -187,9 +187,10 @@ def save_edit(host: UIHost, name: str | None, targets: str | None, description: 
 
 # -- layout ---------------------------------------------------------------------------------------
 
-def build(host: UIHost, changed) -> dict:
+def build(host: UIHost, changed, *, read_only: bool = False) -> dict:
     """Lay the panel out inside the caller's open Blocks/Tab. ``changed`` is the tab's hidden
-    Textbox: a new value means some panel wrote, renamed or deleted a file."""
+    Textbox: a new value means some panel wrote, renamed or deleted a file. ``read_only``: the
+    listing and details only; no control (and so no event handler a client could call) writes."""
     import gradio as gr
 
     from .compat import js, update
@@ -243,6 +244,13 @@ def build(host: UIHost, changed) -> dict:
             info = gr.HTML(elem_id="spm_manage_details")
         with gr.Column():
             preview = gr.Image(label="Preview", type="filepath", interactive=False, elem_id="spm_manage_preview")
+    for event in (refresh_button.click, search.change, changed.change):
+        event(refresh, inputs=[search, select], outputs=[frame, select])
+    frame.select(pick, inputs=[frame], outputs=[select])
+    if read_only:
+        select.change(lambda name: show(name)[:2], inputs=[select], outputs=[info, preview])
+        return {"search": search, "refresh": refresh_button, "table": frame, "select": select, "details": info,
+                "preview": preview}
     targets = gr.Textbox(label="Target concepts (comma-separated, or one per line)", lines=2,
                          elem_id="spm_manage_targets")
     description = gr.Textbox(label="Description", lines=3, elem_id="spm_manage_description")
@@ -254,10 +262,7 @@ def build(host: UIHost, changed) -> dict:
     confirmed = gr.Checkbox(value=False, visible=False)  # filled by the confirm() dialog
     message = gr.HTML(elem_id="spm_manage_message")
 
-    for event in (refresh_button.click, search.change, changed.change):
-        event(refresh, inputs=[search, select], outputs=[frame, select])
     select.change(show, inputs=[select], outputs=[info, preview, targets, description, new_name])
-    frame.select(pick, inputs=[frame], outputs=[select])
     save_button.click(do_save, inputs=[select, targets, description],
                       outputs=[message, changed, info, preview, targets, description, new_name])
     rename_button.click(do_rename, inputs=[select, new_name], outputs=[message, changed, select])

@@ -1,13 +1,20 @@
 import re
 
+from modules import errors
+
 registry = {}
 
 
 class ExtraNetworkParams:
-    def __init__(self, items=None):
+    def __init__(self, items=None):  # as the WebUI splits them: one "=" makes a named item
         self.items = items or []
-        self.positional = [i for i in self.items if "=" not in i]
-        self.named = dict(i.split("=", 1) for i in self.items if "=" in i)
+        self.positional, self.named = [], {}
+        for item in self.items:
+            parts = item.split("=", 2) if isinstance(item, str) else [item]
+            if len(parts) == 2:
+                self.named[parts[0]] = parts[1]
+            else:
+                self.positional.append(item)
 
 
 class ExtraNetwork:
@@ -50,11 +57,18 @@ def parse_prompts(prompts):
 
 
 def activate(p, data):
-    """Every registered network is called, with [] when the prompt does not name it."""
+    """Every registered network is called, with [] when the prompt does not name it; what one
+    raises is displayed and swallowed, as in the WebUI."""
     for name, network in registry.items():
-        network.activate(p, data.get(name, []))
+        try:
+            network.activate(p, data.get(name, []))
+        except Exception as e:
+            errors.display(e, f"activating extra network {name} with arguments {data.get(name, [])}")
 
 
 def deactivate(p, data):
     for name, network in registry.items():
-        network.deactivate(p)
+        try:
+            network.deactivate(p)
+        except Exception as e:
+            errors.display(e, f"deactivating extra network {name}")

@@ -1,4 +1,8 @@
+"""``modules.script_callbacks`` (v1.10.1): every callback runs inside ``try/except Exception``
+and what it raises is only reported (``report_exception``), as in the WebUI."""
 from collections import defaultdict
+
+from modules import errors
 
 callbacks = defaultdict(list)
 
@@ -15,7 +19,15 @@ for _n in ("before_ui", "ui_settings", "ui_tabs", "app_started", "cfg_denoiser",
 
 
 def fire(name, *args):
-    return [cb(*args) for cb in list(callbacks[name])]
+    """Run every callback of ``name``; a failing one is reported and the rest still run."""
+    out = []
+    for cb in list(callbacks[name]):
+        try:
+            out.append(cb(*args))
+        except Exception:
+            errors.report(f"Error executing callback {name}_callback for {getattr(cb, '__module__', cb)}",
+                          exc_info=True)
+    return out
 
 
 def clear():

@@ -34,7 +34,7 @@ def reset():
     global opts, cmd_opts, state, sd_model
     opts = Options(batch_cond_uncond=True, pad_cond_uncond=False, pad_cond_uncond_v0=False, use_old_scheduling=False,
                    CLIP_stop_at_last_layers=1, extra_networks_default_multiplier=1.0, samples_format="png")
-    cmd_opts = SimpleNamespace(spm_dir=None, spm_enforce=None, api_auth=None, ckpt_dir=None)
+    cmd_opts = SimpleNamespace(spm_dir=None, spm_enforce=None, spm_lockdown=False, api_auth=None, ckpt_dir=None)
     state = State()
     sd_model = None
 
