@@ -1,30 +1,45 @@
-"""Opt-in smoke test against a real AUTOMATIC1111 checkout (skipped unless SPM_WEBUI_PATH is set).
+"""Opt-in tests against a real AUTOMATIC1111 checkout (skipped unless SPM_WEBUI_PATH is set).
 
     SPM_WEBUI_PATH=~/stable-diffusion-webui [SPM_WEBUI_PYTHON=.../venv/bin/python]
-    [SPM_WEBUI_CKPT_DIR=folder with a checkpoint] [SPM_WEBUI_ARCH=sd1|sd2|sdxl] make test
+    [SPM_WEBUI_CKPT_DIR=folder with one checkpoint] [SPM_WEBUI_ARCH=sd1|sd2|sdxl]
+    [SPM_WEBUI_ARGS="--use-cpu all --precision full --no-half"] .venv/bin/python -m pytest tests/test_real_webui.py
 
-Starts the WebUI API-only (``--nowebui``) with a throw-away ``--data-dir`` whose ``extensions/``
-holds a link to this checkout, and an SPM folder with a random SPM for the model; checks the
-extension loaded (its route answers, the script is listed) and, when a checkpoint folder is
-given, that a txt2img request with the script's args succeeds and records the SPM in its infotext.
+Each test starts the WebUI API-only (``--nowebui``) with a throw-away ``--data-dir`` whose
+``extensions/`` links this checkout, and an SPM folder holding ``snoopy`` (targets "snoopy"),
+``snoopy_copy`` (its weights under another name), ``anti`` (its negation) and ``xl`` (an SPM of
+the other architecture). Servers are shared by the tests that start them with the same flags.
+
+The real WebUI swallows what script hooks raise, so these check what a client actually gets:
+refusals are HTTP errors naming the cause with no image, enforced SPMs survive every user input
+that could weaken them, and the infotext lists exactly what acted. Without a checkpoint folder
+only the start-up checks run.
 """
 
 from __future__ import annotations
 
+import base64
+import io
 import json
 import os
+import shlex
 import socket
 import subprocess
 import time
+import urllib.error
 import urllib.request
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 WEBUI = os.environ.get("SPM_WEBUI_PATH")
+CKPT = os.environ.get("SPM_WEBUI_CKPT_DIR")
+ARCH = os.environ.get("SPM_WEBUI_ARCH", "sd1")
+TITLE = "Concept erasure (SPM)"
 
 pytestmark = pytest.mark.skipif(not WEBUI, reason="set SPM_WEBUI_PATH to a WebUI checkout to run")
+needs_model = pytest.mark.skipif(not CKPT, reason="set SPM_WEBUI_CKPT_DIR to generate images")
 
 
 def _free_port() -> int:
@@ -33,68 +48,234 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _get(url, data=None, timeout=600):
+def _request(url, data=None, timeout=900) -> tuple[int, dict]:
     req = urllib.request.Request(url, data=None if data is None else json.dumps(data).encode(),
                                  headers={"Content-Type": "application/json"})
-    with urllib.request.urlopen(req, timeout=timeout) as r:
-        return json.loads(r.read())
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read() or b"{}")
 
 
-def test_extension_loads_and_applies_in_a_real_webui(tmp_path):
-    webui = Path(WEBUI).expanduser()
-    python = os.environ.get("SPM_WEBUI_PYTHON") or str(webui / "venv" / "bin" / "python")
-    data = tmp_path / "data"
-    (data / "extensions").mkdir(parents=True)
-    (data / "extensions" / "sd-webui-spm").symlink_to(ROOT, target_is_directory=True)
-    from dataclasses import replace
-
+def _spm_folder(folder: Path) -> None:
     from lib_spm import archs
+    from lib_spm.spm_file import LayerWeights
     from spm_helpers import random_spm
 
-    arch = os.environ.get("SPM_WEBUI_ARCH", "sd1")
-    spm = random_spm(archs.reference_unet(arch), ["cat"], std=0.01, name="smoke")
-    (tmp_path / "spm").mkdir()
-    replace(spm, metadata=replace(spm.metadata, arch=arch)).save(tmp_path / "spm" / "smoke.safetensors")
-    port = _free_port()
-    cmd = [python, "webui.py", "--nowebui", "--api", "--skip-torch-cuda-test", "--no-download-sd-model",
-           "--data-dir", str(data), "--port", str(port), "--spm-dir", str(tmp_path / "spm")]
-    ckpt = os.environ.get("SPM_WEBUI_CKPT_DIR")
-    if ckpt:
-        cmd += ["--ckpt-dir", ckpt]
-    log = open(tmp_path / "webui.log", "w")
-    proc = subprocess.Popen(cmd, cwd=webui, stdout=log, stderr=subprocess.STDOUT)
-    base = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.time() + 600
+    folder.mkdir()
+    spm = random_spm(archs.reference_unet(ARCH), ["snoopy"], std=0.05, name="snoopy")
+    spm = replace(spm, metadata=replace(spm.metadata, arch=ARCH))
+    spm.save(folder / "snoopy.safetensors")
+    replace(spm, metadata=replace(spm.metadata, name="snoopy_copy")).save(folder / "snoopy_copy.safetensors")
+    anti = {k: LayerWeights(w.down, -w.up, w.alpha) for k, w in spm.layers.items()}
+    replace(spm, layers=anti, metadata=replace(spm.metadata, name="anti", targets=["cat"])).save(
+        folder / "anti.safetensors")
+    other = "sdxl" if ARCH != "sdxl" else "sd1"
+    xl = random_spm(archs.reference_unet(other), ["snoopy"], std=0.05, name="xl")
+    replace(xl, metadata=replace(xl.metadata, arch=other)).save(folder / "xl.safetensors")
+
+
+class Server:
+    def __init__(self, tmp: Path, flags: tuple[str, ...]):
+        webui = Path(WEBUI).expanduser()
+        python = os.environ.get("SPM_WEBUI_PYTHON") or str(webui / "venv" / "bin" / "python")
+        data = tmp / "data"
+        (data / "extensions").mkdir(parents=True)
+        (data / "extensions" / "sd-webui-spm").symlink_to(ROOT, target_is_directory=True)
+        _spm_folder(tmp / "spm")
+        port = _free_port()
+        cmd = [python, "webui.py", "--nowebui", "--api", "--skip-torch-cuda-test", "--no-download-sd-model",
+               "--data-dir", str(data), "--port", str(port), "--spm-dir", str(tmp / "spm"),
+               *shlex.split(os.environ.get("SPM_WEBUI_ARGS", "")), *flags]
+        if CKPT:
+            cmd += ["--ckpt-dir", CKPT]
+        self.log_path = tmp / "webui.log"
+        self._log = open(self.log_path, "w")
+        self.proc = subprocess.Popen(cmd, cwd=webui, stdout=self._log, stderr=subprocess.STDOUT)
+        self.base = f"http://127.0.0.1:{port}"
+        deadline = time.time() + 900
         while True:
-            assert proc.poll() is None, (tmp_path / "webui.log").read_text()[-4000:]
+            assert self.proc.poll() is None, self.log()
             try:
-                listed = _get(f"{base}/spm/v1/models", timeout=5)
-                break
+                status, self.listed = _request(f"{self.base}/spm/v1/models", timeout=5)
+                if status == 200:
+                    break
             except (OSError, ValueError):  # not listening yet
-                assert time.time() < deadline, "the WebUI did not start within 10 minutes"
-                time.sleep(3)
-        assert [m["name"] for m in listed] == ["smoke"] and listed[0]["error"] is None
-        scripts = _get(f"{base}/sdapi/v1/scripts", timeout=30)
-        assert "concept erasure (spm)" in scripts["txt2img"] + scripts["img2img"] or \
-            "concept erasure (spm)" in json.dumps(scripts).lower()
-        if ckpt:
-            bad = urllib.request.Request(f"{base}/sdapi/v1/txt2img", data=json.dumps({
-                "prompt": "a cat", "steps": 2, "width": 64, "height": 64,
-                "alwayson_scripts": {"Concept erasure (SPM)": {"args": [True, True, "x"]}}}).encode(),
-                headers={"Content-Type": "application/json"})
-            with pytest.raises(urllib.error.HTTPError):
-                urllib.request.urlopen(bad, timeout=600)
-            out = _get(f"{base}/sdapi/v1/txt2img", {
-                "prompt": "a cat", "steps": 2, "width": 64, "height": 64,
-                "alwayson_scripts": {"Concept erasure (SPM)": {"args": [True, True, 1.0, "pooled_tokenuni", "smoke", 1.0]}}})
-            assert out["images"]
-            info = json.loads(out["info"])
-            assert "SPM: smoke:1" in info["infotexts"][0]
-    finally:
-        proc.terminate()
+                pass
+            assert time.time() < deadline, "the WebUI did not start within 15 minutes"
+            time.sleep(3)
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")[-6000:]
+
+    def txt2img(self, prompt="a photo of snoopy", args=None, **kw) -> tuple[int, dict]:
+        body = {"prompt": prompt, "steps": 3, "width": 64, "height": 64, "seed": 42, "sampler_name": "Euler",
+                "save_images": False, **kw}
+        if args is not None:
+            body["alwayson_scripts"] = {TITLE: {"args": args}}
+        return _request(f"{self.base}/sdapi/v1/txt2img", body)
+
+    def image(self, *a, **kw):
+        status, out = self.txt2img(*a, **kw)
+        assert status == 200, (out, self.log())
+        return pixels(out), json.loads(out["info"])
+
+    def close(self):
+        self.proc.terminate()
         try:
-            proc.wait(60)
+            self.proc.wait(60)
         except subprocess.TimeoutExpired:
-            proc.kill()
-        log.close()
+            self.proc.kill()
+        self._log.close()
+
+
+def pixels(out):
+    import numpy as np
+    from PIL import Image
+
+    return np.asarray(Image.open(io.BytesIO(base64.b64decode(out["images"][0]))).convert("RGB")).astype("float32")
+
+
+def diff(a, b) -> float:
+    return float(abs(a - b).mean())
+
+
+@pytest.fixture(scope="module")
+def servers(tmp_path_factory):
+    running: dict[tuple, Server] = {}
+
+    def get(*flags):
+        if flags not in running:
+            running[flags] = Server(tmp_path_factory.mktemp("webui"), flags)
+        return running[flags]
+
+    yield get
+    for s in running.values():
+        s.close()
+
+
+def args(*choices, enabled=True, ft=True, factor=1.0, metric="pooled_tokenuni"):
+    out = [enabled, ft, factor, metric]
+    for name, strength in choices:
+        out += [name, strength]
+    return out
+
+
+# -- start-up ----------------------------------------------------------------------------------------
+
+def test_the_extension_loads_lists_its_spms_and_its_script(servers):
+    s = servers()
+    assert sorted(m["name"] for m in s.listed) == ["anti", "snoopy", "snoopy_copy", "xl"]
+    assert all(m["error"] is None for m in s.listed)
+    _, scripts = _request(f"{s.base}/sdapi/v1/scripts", timeout=30)
+    assert TITLE.lower() in json.dumps(scripts).lower()
+
+
+def test_start_up_says_loudly_what_an_enforced_spm_lacks(servers):
+    s = servers("--spm-enforce", "does_not_exist:1")
+    assert "enforced SPM 'does_not_exist' cannot be used" in s.log()
+
+
+# -- applying and infotext --------------------------------------------------------------------------
+
+@needs_model
+def test_an_spm_acts_on_its_concept_and_the_infotext_says_exactly_what_acted(servers):
+    s = servers()
+    bare, info = s.image(args=args(enabled=False))
+    assert not any(k.startswith("SPM") for k in info["extra_generation_params"])
+    on, info = s.image(args=args(("snoopy", 1.0)))
+    assert diff(on, bare) > 0.5
+    assert "SPM: snoopy:1," in info["infotexts"][0] and "SPM hashes: \"snoopy: " in info["infotexts"][0]
+    other_bare, _ = s.image("a photo of a cat", args=args(enabled=False))
+    other_on, _ = s.image("a photo of a cat", args=args(("snoopy", 1.0)))
+    assert diff(other_on, other_bare) < diff(on, bare) / 4  # FT: another prompt barely moves
+    # a tag's strength replaces the accordion's, and is what the infotext records
+    tagged, info = s.image("a photo of snoopy <spm:snoopy:0.5>", args=args(("snoopy", 1.0)))
+    assert info["extra_generation_params"]["SPM"] == "snoopy:0.5"
+    only_tag, info = s.image("a photo of snoopy <spm:snoopy:0.5>", args=args(enabled=False))
+    assert info["extra_generation_params"]["SPM"] == "snoopy:0.5" and diff(only_tag, tagged) < 1e-3
+    # skipped SPMs are never claimed: another architecture's, a tag naming no file
+    _, info = s.image("a photo of snoopy <spm:nothere>", args=args(("xl", 1.0), ("snoopy", 1.0)))
+    params = info["extra_generation_params"]
+    assert params["SPM"] == "snoopy:1" and "xl" not in params["SPM hashes"]
+    assert "xl: it is for" in params["SPM skipped"] and "nothere: no such SPM file" in params["SPM skipped"]
+
+
+BAD = [
+    (args(("does_not_exist", 1.0)), "no SPM named 'does_not_exist'"),
+    (args(("../snoopy", 1.0)), "'..' part"),
+    (args(("snoopy", "strong")), "must be a number"),
+    (args(("snoopy", None)), "must be a number"),
+    (args(("snoopy", True)), "must be a number"),
+    (args(("snoopy", 100)), "between -10 and 10"),
+    ([True, True, 1.0, "bogus"], "unknown FT metric"),
+    ([True, "maybe"], "true or false"),
+    (args(*[("snoopy", 1.0)] * 5), "at most 12 args"),
+]
+
+
+@needs_model
+@pytest.mark.parametrize("bad,message", BAD, ids=[m for _, m in BAD])
+def test_bad_arguments_fail_the_request_naming_them(servers, bad, message):
+    status, out = servers().txt2img(args=bad)
+    assert status == 422 and message in out.get("errors", ""), out
+    assert "images" not in out
+
+
+@needs_model
+@pytest.mark.parametrize("tag,message", [("<spm:snoopy:strong>", "must be a number"),
+                                         ("<spm:snoopy:nan>", "between"), ("<spm:../x:1>", "'..' part")])
+def test_a_malformed_tag_fails_the_request(servers, tag, message):
+    status, out = servers().txt2img(f"a photo of snoopy {tag}", args=args(enabled=False))
+    assert status == 422 and message in out.get("errors", ""), out
+
+
+# -- moderation --------------------------------------------------------------------------------------
+
+BYPASSES = [
+    ("a photo of snoopy", args(("snoopy", -1.0))),
+    ("a photo of snoopy", args(("snoopy_copy", -1.0))),
+    ("a photo of snoopy <spm:snoopy:-1>", args(enabled=False)),
+    ("a photo of snoopy <spm:snoopy_copy:-1>", args(enabled=False)),
+    ("a photo of snoopy <spm:snoopy_copy:-0.5> <spm:snoopy_copy:-0.5>", args(enabled=False)),
+    ("a photo of snoopy", args(("anti", 1.0))),
+    ("a photo of snoopy", args(("snoopy", 0.0), ft=False, factor=0.0)),
+]
+
+
+@needs_model
+def test_no_user_input_weakens_an_enforced_spm(servers):
+    bare, _ = servers().image(args=args(enabled=False))
+    s = servers("--spm-enforce", "snoopy:1")
+    enforced, info = s.image(args=args(enabled=False))
+    assert diff(enforced, bare) > 0.5
+    assert info["extra_generation_params"]["SPM enforced"] == "snoopy:1"
+    for prompt, a in BYPASSES:
+        status, out = s.txt2img(prompt, args=a)
+        if status == 200:
+            assert diff(pixels(out), enforced) < 1e-3, (prompt, a)
+        else:
+            assert status == 422 and ("negative strengths are refused" in out["errors"]
+                                      or "undoes" in out["errors"]), (prompt, a, out)
+
+
+@needs_model
+@pytest.mark.parametrize("enforce,message", [
+    ("does_not_exist:1", "enforced SPM 'does_not_exist' cannot be used"),
+    ("xl:1", "none of the enforced SPMs (xl) fits"),
+])
+def test_an_enforced_spm_that_cannot_act_refuses_every_generation(servers, enforce, message):
+    s = servers("--spm-enforce", enforce)
+    for a in (args(enabled=False), args(("snoopy", 1.0)), None):
+        status, out = s.txt2img(args=a)
+        assert status == 503 and message in out.get("errors", "") and "images" not in out, out
+
+
+@needs_model
+def test_lockdown_refuses_user_spms(servers):
+    s = servers("--spm-enforce", "snoopy:1", "--spm-lockdown")
+    status, out = s.txt2img(args=args(("snoopy_copy", 1.0)))
+    assert status == 422 and "turned off user SPMs" in out["errors"], out
+    _, info = s.image(args=args(enabled=False))
+    assert info["extra_generation_params"]["SPM enforced"] == "snoopy:1"
