@@ -35,7 +35,8 @@ out["choices"] = [c[0] if isinstance(c, (list, tuple)) else c for c in names.cho
 assert out["choices"] == ["None", "circle"], out
 
 want = ApplyArgs(True, True, 2.0, "clipcos", (Choice("circle", 0.5), Choice("star", -1.0)))
-pasted = [fn(want.infotext({})) for _, fn in script.infotext_fields]
+infotext = {"SPM": "circle:0.5, star:-1", "SPM FT": "clipcos x2", "SPM enforced": "nsfw:1"}
+pasted = [fn(infotext) for _, fn in script.infotext_fields]
 assert [c for c, _ in script.infotext_fields] == components
 assert pasted == want.as_args(), pasted
 assert ApplyArgs.parse(pasted) == want
@@ -50,6 +51,22 @@ assert isinstance(tab, gr.Blocks) and (title, elem_id) == ("SPM", "spm")
 ids = {getattr(b, "elem_id", None) for b in tab.blocks.values()}
 for need in ("spm_train_start", "spm_manage_table", "spm_merge_run", "spm_library_changed"):
     assert need in ids, need
+mod.ext().shutdown()
+
+# an operator's locked server: the enforced SPMs shown locked, the tab read-only (no handler writes)
+mod, modules = miniwebui.load(tmp / "models", spm_enforce="circle:1", spm_lockdown=True)
+modules.shared.sd_model = sd
+script = mod.SPMScript()
+with gr.Blocks() as locked_demo:
+    components = script.ui(False)
+assert len(components) == 4 + 2 * SLOTS  # the args keep their layout for the API
+html = [b.value for b in locked_demo.blocks.values() if type(b).__name__ == "HTML" and b.value]
+assert any("Always applied" in h and "circle:1" in h for h in html), html
+(tab, _, _), = modules.script_callbacks.fire("ui_tabs")[0]
+ids = {getattr(b, "elem_id", None) for b in tab.blocks.values()}
+assert "spm_manage_table" in ids and "spm_read_only" in ids, ids
+for gone in ("spm_train_start", "spm_merge_run", "spm_manage_rename", "spm_manage_delete", "spm_manage_save"):
+    assert gone not in ids, gone
 out["ok"] = True
 mod.ext().shutdown()
 print(json.dumps(out))
