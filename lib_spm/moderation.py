@@ -50,7 +50,8 @@ class Policy:
 
     @property
     def enforcing(self) -> bool:
-        return bool(self.enforced) or self.lockdown or self.error is not None
+        """SPMs must act on every generation (or none may run, when the settings are unreadable)."""
+        return bool(self.enforced) or self.error is not None
 
     @classmethod
     def parse(cls, enforce: str | None, *, lockdown: bool = False) -> "Policy":

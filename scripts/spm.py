@@ -38,8 +38,9 @@ class SPMScript(scripts.Script):
         d = ext().default_args()
         names = ["None"] + ext().names()
         user_spms = not ext().policy.lockdown  # locked: the controls stay (the args keep their layout), hidden
+        locked = ext().locked_html()
         with InputAccordion(False, label=self.title(), elem_id=self.elem_id("spm")) as enabled:
-            gr.HTML(ext().locked_html(), elem_id=self.elem_id("spm_locked"), visible=ext().policy.enforcing)
+            gr.HTML(locked, elem_id=self.elem_id("spm_locked"), visible=bool(locked))
             with gr.Row(visible=user_spms):
                 ft = gr.Checkbox(d["ft"], label="Facilitated Transport: act only on prompts that mention the concept",
                                  elem_id=self.elem_id("spm_ft"))

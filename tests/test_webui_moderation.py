@@ -16,6 +16,7 @@ import pytest
 import torch
 
 import miniwebui
+from lib_spm.errors import SPMError
 from lib_spm.hosts.webui_apply import ApplyArgs, Choice
 from lib_spm.moderation import Policy, opposition
 from lib_spm.spm_file import LayerWeights
@@ -282,6 +283,13 @@ def test_policy_parsing_never_raises():
         pol = Policy.parse(bad)
         assert pol.enforcing and pol.error and bad in pol.error
     assert not Policy.parse(None).enforcing and not Policy.parse("  ").enforcing
+    locked = Policy.parse(None, lockdown=True)  # no user SPMs, but nothing to enforce: generation runs
+    assert not locked.enforcing
+    with pytest.raises(SPMError, match="turned off user SPMs"):
+        locked.check_user_strength("a", 1.0)
+    with pytest.raises(SPMError, match="negative strengths"):
+        Policy.parse("a").check_user_strength("b", -0.1)
+    Policy.parse("a").check_user_strength("b", 0.5)
 
 
 def test_opposition_measures_how_much_an_spm_undoes_another(world):

@@ -391,12 +391,6 @@ class SPMController:
     def attached(self) -> bool:
         return self._gen is not None and any(a.session.attached for a in self._gen.attached)
 
-    @property
-    def applied(self) -> tuple[str, ...]:
-        """Names of the SPMs the current generation's sessions hold (enforced first)."""
-        g = self._gen
-        return tuple(g.enforced_acted) + tuple(g.acted) if g is not None else ()
-
     # -- start-up and model checks -------------------------------------------------------------
     def check_policy(self, sd_model=None) -> list[str]:
         """Say loudly, in the log, what of the operator's settings cannot act (at start-up and on

@@ -82,7 +82,7 @@ class Extension:
     def locked_html(self) -> str:
         """The operator's SPMs, shown locked in the accordion."""
         pol = self.policy
-        if not pol.enforcing:
+        if not (pol.enforcing or pol.lockdown):
             return ""
         if pol.error:
             body = html.escape(pol.error) + " Every generation is refused until the operator fixes it."
