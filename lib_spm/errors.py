@@ -38,3 +38,11 @@ class UnresolvedKeysError(SPMError):
 
 class SPMRuntimeError(SPMError):
     """The runtime was used in a way it cannot honour (e.g. batch rows it has no gates for)."""
+
+
+class SPMNameError(SPMValueError):
+    """A name the SPM folder cannot hold: unsafe, reserved, too long in bytes, or spelled twice."""
+
+
+class SPMFolderError(SPMError):
+    """A file operation in the SPM folder failed (permissions, a full disk, a file that vanished)."""
