@@ -455,7 +455,8 @@ class SPMLibrary:
         """The validated SPM (kept while the file is unchanged). Do not mutate the result."""
         path = self._existing(name)
         with self._lock:
-            key = _key(path.stat())
+            with _folder_errors("read", name):
+                key = _key(path.stat())
             cached = self._loaded.get(path)
             if cached is not None and cached[0] == key:
                 self._loaded.move_to_end(path)
