@@ -40,6 +40,14 @@ class SPMRuntimeError(SPMError):
     """The runtime was used in a way it cannot honour (e.g. batch rows it has no gates for)."""
 
 
+class SPMNameError(SPMValueError):
+    """A name the SPM folder cannot hold: unsafe, reserved, too long in bytes, or spelled twice."""
+
+
+class SPMFolderError(SPMError):
+    """A file operation in the SPM folder failed (permissions, a full disk, a file that vanished)."""
+
+
 class SPMRefusal(SPMError):
     """A generation that must not run. Hosts raise it where their own error handling cannot
     swallow it (inside the UNet call), so the request fails and its client sees the message.

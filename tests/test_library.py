@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from lib_spm import library
-from lib_spm.errors import ArchitectureMismatch, SPMKeyError, SPMValueError
+from lib_spm.errors import ArchitectureMismatch, SPMFolderError, SPMKeyError, SPMNameError, SPMValueError
 from lib_spm.library import SPMLibrary, check_name
 from lib_spm.metadata import SPMMetadata, Slice
 from lib_spm.safetensors_io import read_file, read_header, write_file
@@ -280,7 +280,7 @@ def test_rename_is_all_or_nothing(lib, unet, monkeypatch):
         return real(src, dst)
 
     monkeypatch.setattr(library.shutil, "move", flaky)
-    with pytest.raises(SPMValueError, match="Permission denied"):
+    with pytest.raises(SPMFolderError, match="Permission denied"):
         lib.rename("a", "deep/er/b")
     assert moved[:3] == ["a.safetensors", "a.png", "a.preview.webp"] and len(moved) == 6  # 3 there, 3 back
     assert tree(lib.root) == before
@@ -339,7 +339,7 @@ def test_edit_is_atomic(lib, unet, monkeypatch):
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(os, "replace", boom)
-    with pytest.raises(SPMValueError, match="No space left"):
+    with pytest.raises(SPMFolderError, match="No space left"):
         lib.edit("cat", targets=["dog"], description="d")
     assert tree(lib.root) == before  # original intact, no temporary left behind
     monkeypatch.undo()
@@ -359,3 +359,244 @@ def test_edit_of_packs(lib, unet):
         lib.edit("pack", targets=["c"])
     assert tree(lib.root) == before
     assert lib.edit("pack", description="two").description == "two"
+
+
+# -- hostile folder cases: other SPMs' files stay where they are, byte for byte ---------------------
+
+def folder(lib, unet, spms, files) -> dict[str, bytes]:
+    for i, name in enumerate(spms):
+        lib.save(random_spm(unet, ["cat"], seed=i), name)
+    for f in files:
+        (lib.root / f).parent.mkdir(parents=True, exist_ok=True)
+        (lib.root / f).write_bytes(f.encode())
+    return tree(lib.root)
+
+
+X_FILES = ["x.png", "x.preview.png", "x.preview.json", "x.json"]
+Y_FILES = ["y.txt", "y.description.txt", "y.description.json"]
+FOLDER_CASES = [
+    # (SPMs, other files, operation, the only files that may change: {before: after, or None if gone})
+    (["x", "x.preview"], X_FILES, ("rename", "x", "x2"),
+     {"x.safetensors": "x2.safetensors", "x.png": "x2.png", "x.json": "x2.json"}),
+    (["x", "x.preview"], X_FILES, ("rename", "x.preview", "z"),  # x claims x.preview.png too: it stays
+     {"x.preview.safetensors": "z.safetensors", "x.preview.json": "z.json"}),
+    (["x", "x.preview"], X_FILES, ("delete", "x"), {"x.safetensors": None, "x.png": None, "x.json": None}),
+    (["x", "x.preview"], X_FILES, ("delete", "x.preview"), {"x.preview.safetensors": None, "x.preview.json": None}),
+    (["y", "y.description"], Y_FILES, ("delete", "y"), {"y.safetensors": None, "y.txt": None}),
+    (["y", "y.description"], Y_FILES, ("rename", "y", "d/y"), {"y.safetensors": "d/y.safetensors", "y.txt": "d/y.txt"}),
+    (["y", "y.description"], Y_FILES, ("delete", "y.description"),
+     {"y.description.safetensors": None, "y.description.json": None}),
+    (["s/x", "s/x.preview"], ["s/x.preview.webp", "s/x.jpg"], ("rename", "s/x", "x"),
+     {"s/x.safetensors": "x.safetensors", "s/x.jpg": "x.jpg"}),
+    (["x.preview", "x.preview.preview"], ["x.preview.preview.png", "x.preview.png"], ("delete", "x.preview"),
+     {"x.preview.safetensors": None, "x.preview.png": None}),  # x.preview.preview.png is claimed twice
+    (["c", "c.preview"], ["c.ckpt.safetensors", "c.preview.ckpt.safetensors", "c.preview.gif"], ("delete", "c"),
+     {"c.safetensors": None, "c.ckpt.safetensors": None}),
+    (["x"], ["x.png", "x.preview.png", "x2.png"], ("rename", "x", "x2"), None),  # x2.png is in the way: nothing moves
+] + [
+    (["p", "p.preview"], [f"p.preview.{ext}", f"p.{ext}"], ("delete", "p"), {"p.safetensors": None, f"p.{ext}": None})
+    for ext in library.PREVIEW_EXTS
+]
+
+
+@pytest.mark.parametrize("spms, files, op, changes", FOLDER_CASES, ids=lambda v: repr(v) if isinstance(v, tuple) else None)
+def test_folder_operations_leave_other_spms_files_untouched(lib, unet, spms, files, op, changes):
+    before = folder(lib, unet, spms, files)
+    verb, *args = op
+    if changes is None:
+        with pytest.raises(SPMValueError, match="already exists"):
+            getattr(lib, verb)(*args)
+        assert tree(lib.root) == before
+        return
+    getattr(lib, verb)(*args)
+    expected = {changes.get(k, k): v for k, v in before.items() if changes.get(k, k) is not None}
+    assert tree(lib.root) == expected
+
+
+def test_each_file_shows_for_the_spm_that_claims_it_most_specifically(lib, unet):
+    folder(lib, unet, ["x", "x.preview", "y", "y.description"], X_FILES[1:] + Y_FILES)
+    entries = {e.name: e for e in lib.entries()}
+    assert entries["x.preview"].preview == lib.root / "x.preview.png"
+    assert entries["x"].preview is None  # x.preview.png is x.preview's own <stem>.png
+    assert library.sidecar_claims("x.preview.png", set(os.listdir(lib.root))) == ("x.preview", "x")
+    assert library.sidecar_claims("y.description.txt", set(os.listdir(lib.root))) == ("y.description", "y")
+    assert library.sidecar_claims("x.preview.png", {"x.safetensors", "x.preview.ckpt.safetensors"}) == ("x",)
+    lib.delete("x.preview")
+    assert lib.get("x").preview == lib.root / "x.preview.png"  # kept, and now x's alone
+
+
+# -- name limits in bytes -------------------------------------------------------------------------
+
+LIMIT = 255 - len(".ckpt.safetensors") - library.TEMP_RESERVE  # bytes in one part of a name
+
+
+@pytest.mark.parametrize("name", [
+    "é" * 120, "😀" * 100, "😀" * (LIMIT // 4 + 1), "é" * (LIMIT // 2 + 1), "a/" + "é" * (LIMIT // 2 + 1),
+    "é" * (LIMIT // 2 + 1) + "/a",
+], ids=lambda n: f"{len(n)}chars-{len(n.encode())}bytes")
+def test_names_over_the_byte_limit_are_refused_before_anything_is_created(lib, unet, name):
+    lib.save(random_spm(unet, ["cat"]), "ok")
+    before = tree(lib.root)
+    for call in (lambda: lib.path_of(name), lambda: lib.save(random_spm(unet, ["cat"]), name),
+                 lambda: lib.rename("ok", name), lambda: lib.delete(name), lambda: lib.exists(name)):
+        with pytest.raises(SPMNameError, match="bytes"):
+            call()
+    assert tree(lib.root) == before and sorted(p.name for p in lib.root.iterdir()) == ["ok.safetensors"]
+
+
+@pytest.mark.parametrize("char", ["é", "😀", "a"])
+def test_the_longest_name_allowed_lives_through_every_operation(lib, unet, char):
+    n = min(LIMIT // len(char.encode()), library.MAX_PART)  # ASCII meets the limit in characters first
+    long1, long2 = char * n, char * (n - 1) + "2"
+    assert len(long1.encode()) <= LIMIT
+    with pytest.raises(SPMNameError):  # the boundary: one more character is refused
+        check_name(long1 + char)
+    path = lib.save(random_spm(unet, ["cat"]), long1).path
+    for s in (".ckpt.safetensors", ".description.txt", ".preview.jpeg"):  # the longest sidecars
+        path.with_name(path.name[: -len(".safetensors")] + s).write_bytes(s.encode())
+    assert lib.edit(long1, targets=["dog"]).targets == ("dog",)  # its temporary name fits too
+    entry = lib.rename(long1, "sub/" + long2)
+    assert entry.preview == lib.root / "sub" / (long2 + ".preview.jpeg")
+    assert sorted(tree(lib.root)) == sorted(f"sub/{long2}{s}" for s in (
+        ".safetensors", ".ckpt.safetensors", ".description.txt", ".preview.jpeg"))
+    lib.delete("sub/" + long2)
+    assert tree(lib.root) == {}
+
+
+def test_a_folder_with_a_smaller_name_limit_is_respected():
+    assert check_name("é" * 50, name_max=143) == "é" * 50
+    with pytest.raises(SPMNameError, match="143-byte"):
+        check_name("é" * 60, name_max=143)
+
+
+def test_file_system_failures_are_typed_errors(lib, unet):
+    lib.save(random_spm(unet, ["cat"]), "ok")
+    (lib.root / "f").write_bytes(b"a file where a folder would go")
+    before = tree(lib.root)
+    with pytest.raises(SPMFolderError, match=r"cannot save 'f/x': File exists \(f\)"):
+        lib.save(random_spm(unet, ["cat"]), "f/x")
+    with pytest.raises(SPMFolderError, match="cannot rename 'ok'"):
+        lib.rename("ok", "f/y")
+    with pytest.raises(SPMKeyError):
+        lib.get("f/x")
+    assert tree(lib.root) == before
+
+
+# -- edit keeps the file's mode ---------------------------------------------------------------------
+
+@pytest.mark.parametrize("mode", [0o644, 0o640, 0o664, 0o600])
+def test_edit_keeps_the_file_mode(lib, unet, mode):
+    path = lib.save(random_spm(unet, ["cat"]), "cat").path
+    path.chmod(mode)
+    lib.edit("cat", targets=["dog"], description="d")
+    assert (path.stat().st_mode & 0o7777, lib.get("cat").targets) == (mode, ("dog",))
+
+
+def test_edit_through_a_link_inside_keeps_the_link(lib, unet):
+    path = lib.save(random_spm(unet, ["cat"]), "real").path
+    path.chmod(0o644)
+    (lib.root / "alias.safetensors").symlink_to("real.safetensors")
+    lib.edit("alias", targets=["dog"])
+    assert (lib.root / "alias.safetensors").is_symlink() and lib.get("real").targets == ("dog",)
+    assert path.stat().st_mode & 0o7777 == 0o644
+
+
+# -- reserved and normalised names ----------------------------------------------------------------
+
+@pytest.mark.parametrize("name", [
+    "COM0", "lpt0", "Com9", "COM¹", "com²", "LPT³", "lpt¹.x", "CONIN$", "conout$", "CONOUT$.tar.gz",
+    "Con .txt", "sub/aux.v2", "nul/x", "PRN",
+])
+def test_windows_reserved_names_are_refused(lib, unet, name):
+    with pytest.raises(SPMNameError, match="reserved"):
+        check_name(name)
+    with pytest.raises(SPMNameError):
+        lib.save(random_spm(unet, ["cat"]), name)
+    assert not lib.root.exists() or tree(lib.root) == {}
+
+
+@pytest.mark.parametrize("name", ["COM10", "console", "com", "LPT", "conin", "nul-free", "COM¹0", "x/CON1"])
+def test_names_that_only_look_reserved_pass(name):
+    assert check_name(name) == name
+
+
+NFC, NFD = "café/crème", "cafe\u0301/cre\u0300me"
+
+
+def test_names_are_normalised_to_nfc(lib, unet):
+    assert check_name(NFD) == NFC
+    entry = lib.save(random_spm(unet, ["cat"]), NFD)
+    assert entry.name == NFC and sorted(tree(lib.root)) == [NFC + ".safetensors"]
+    assert lib.get(NFD) == lib.get(NFC) and lib.exists(NFD)
+    with pytest.raises(SPMValueError, match="already exists"):
+        lib.save(random_spm(unet, ["cat"]), NFD)
+
+
+def test_a_file_spelled_in_nfd_answers_to_its_nfc_name(lib, unet):
+    write_file(lib.root / (NFD + ".safetensors"), random_spm(unet, ["cat"]).tensors(), {"prompts": "cat"})
+    (lib.root / (NFD + ".png")).write_bytes(b"p")
+    assert [e.name for e in lib.entries()] == [NFC]
+    assert lib.load(NFC).metadata.targets == ["cat"] and lib.get(NFC).error is None
+    assert lib.get(NFC).path == lib.root / (NFD + ".safetensors")
+    assert lib.rename(NFC, "plain").preview == lib.root / "plain.png"
+    assert sorted(tree(lib.root)) == ["plain.png", "plain.safetensors"]
+    assert [e.name for e in lib.entries()] == ["plain"]
+
+
+def test_two_spellings_of_one_name_list_once_and_say_so(lib, unet):
+    lib.save(random_spm(unet, ["cat"]), "café")
+    write_file(lib.root / "cafe\u0301.safetensors", random_spm(unet, ["dog"], seed=1).tensors(), {"prompts": "dog"})
+    (entry,) = lib.entries()
+    assert entry.name == "café" and "Unicode" in entry.error
+    assert entry.path == lib.root / "café.safetensors"  # the NFC spelling is the one the name opens
+    assert lib.load("café").metadata.targets == ["cat"]
+
+
+def test_two_spellings_neither_in_nfc_are_refused(lib, unet):
+    lib.root.mkdir()
+    for spelling in ("e\u0323\u0302", "\u00ea\u0323"):  # both normalise to U+1EC7
+        write_file(lib.root / (spelling + ".safetensors"), random_spm(unet, ["cat"]).tensors(), {"prompts": "cat"})
+    before = tree(lib.root)
+    (entry,) = lib.entries()
+    assert entry.name == "\u1ec7" and "Unicode" in entry.error
+    with pytest.raises(SPMNameError, match="Unicode"):
+        lib.delete("\u1ec7")
+    assert tree(lib.root) == before
+
+
+# -- previews never lead outside, details never fail -------------------------------------------------
+
+def test_a_preview_link_leading_out_is_never_the_preview(lib, unet, tmp_path):
+    (tmp_path / "secret.png").write_bytes(b"secret")
+    lib.save(random_spm(unet, ["cat"]), "cat")
+    (lib.root / "cat.png").symlink_to(tmp_path / "secret.png")
+    assert lib.get("cat").preview is None
+    (lib.root / "cat.preview.png").symlink_to("cat.preview.png")  # a loop
+    assert lib.get("cat").preview is None
+    (lib.root / "cat.jpg").mkdir()  # a folder is no image
+    assert lib.get("cat").preview is None
+    (lib.root / "pics").mkdir()
+    (lib.root / "pics" / "c.webp").write_bytes(b"w")
+    (lib.root / "cat.webp").symlink_to(lib.root / "pics" / "c.webp")  # inside: fine
+    assert lib.get("cat").preview == lib.root / "cat.webp" and lib.entries()[0].preview == lib.root / "cat.webp"
+    lib.delete("cat")
+    assert (tmp_path / "secret.png").read_bytes() == b"secret" and (lib.root / "pics" / "c.webp").is_file()
+
+
+def test_deeply_nested_metadata_lists_as_an_error_never_raises(lib, unet):
+    tensors = random_spm(unet, ["cat"]).tensors()
+    for depth in (950, 100_000):
+        deep = "[" * depth + "]" * depth
+        write_file(lib.root / f"targets{depth}.safetensors", tensors, {"spm_targets": deep})
+        write_file(lib.root / f"other{depth}.safetensors", tensors, {"prompts": "cat", "note": deep})
+    entries = {e.name: e for e in lib.entries()}
+    assert len(entries) == 4 and all(len(e.as_row()) == 7 for e in entries.values())
+    assert entries["other100000"].error is None and entries["other100000"].metadata["note"].startswith("[[[")
+    for depth in (950, 100_000):
+        error = entries[f"targets{depth}"].error
+        assert error and "\n" not in error
+        assert lib.get(f"targets{depth}").error == error
+
+
+def test_an_impossible_date_shows_as_unknown():
+    assert library.Entry(name="x", path=Path("x.safetensors"), mtime=1e20).date == "?"

@@ -123,6 +123,32 @@ def test_details_preview_and_missing(host):
     assert "spm-error" in html_ and "&lt;nope&gt;" in html_ and "<nope>" not in html_ and preview is None
 
 
+@pytest.mark.parametrize("key", ["note", "spm_targets", "spm_slices"])
+def test_details_of_deeply_nested_metadata_show_an_error_never_raise(host, unet, key):
+    deep = "[" * 100_000 + "]" * 100_000
+    write_file(host.library.root / "deep.safetensors", random_spm(unet, ["cat"]).tensors(), {"prompts": "cat", key: deep})
+    html_, preview, *_ = manage.details(host, "deep")
+    assert "deep" in html_ and preview is None
+    assert ("spm-error" in html_) == (key != "note")  # a deep free-form value is shown as text
+    assert "deep" in names_of(manage.table(host, ""))
+
+
+def test_hostile_folder_operations_through_the_handlers(host, unet):
+    lib = host.library
+    lib.save(random_spm(unet, ["x"]), "art/van gogh.preview")
+    (lib.root / "art" / "van gogh.preview.png").write_bytes(b"the preview of 'van gogh.preview'")
+    html_, preview, *_ = manage.details(host, "art/van gogh")
+    assert preview is None  # it is the other SPM's <stem>.png
+    assert manage.details(host, "art/van gogh.preview")[1] == str(lib.root / "art" / "van gogh.preview.png")
+    assert manage.rename(host, "art/van gogh", "art/vincent").ok
+    assert manage.delete(host, "art/vincent", True).ok
+    assert (lib.root / "art" / "van gogh.preview.png").read_bytes() == b"the preview of 'van gogh.preview'"
+    for bad in ("COM¹", "art/conin$", "é" * 120):
+        out = manage.rename(host, "art/monet-xl", bad)
+        assert not out.ok and "SPM name" in out.message and "\n" not in out.message
+    assert lib.exists("art/monet-xl")
+
+
 @pytest.mark.parametrize("text, expected", [
     ("a, b ,,c", ["a", "b", "c"]),
     ("a, b\nc", ["a, b", "c"]),

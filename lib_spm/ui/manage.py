@@ -101,14 +101,16 @@ def details(host: UIHost, name: str | None) -> tuple[str, str | None, str, str]:
         return "", None, "", ""
     try:
         entry = host.library.get(name)
-    except (SPMError, OSError) as e:
-        return _error(esc(e)), None, "", ""
-    return (
-        details_html(entry, host.model_arch()),
-        str(entry.preview) if entry.preview else None,
-        targets_text(entry.targets),
-        entry.description,
-    )
+        return (
+            details_html(entry, host.model_arch()),
+            str(entry.preview) if entry.preview else None,
+            targets_text(entry.targets),
+            entry.description,
+        )
+    # a hostile file shows as an error line; the panel never fails because of one
+    except (SPMError, OSError, RecursionError, ValueError, TypeError, OverflowError) as e:
+        text = "nested too deeply" if isinstance(e, RecursionError) else str(e)
+        return _error(esc(" ".join(text.split())[:1000])), None, "", ""
 
 
 def details_html(entry: Entry, model_arch: str | None = None) -> str:
@@ -148,7 +150,7 @@ def _shown(value: str) -> str:
         parsed = json.loads(value)
         if isinstance(parsed, (dict, list)):
             value = json.dumps(parsed, indent=1, ensure_ascii=False)
-    except ValueError:
+    except (ValueError, RecursionError):  # not JSON, or nested deeper than Python parses
         pass
     return value if len(value) <= MAX_VALUE_CHARS else value[:MAX_VALUE_CHARS] + f"… ({len(value)} characters)"
 

@@ -23,7 +23,7 @@ CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 STEP_MS = 60_000  # clicks, fills and ordinary waits
-TRAIN_MS = 300_000  # a few steps on a busy 2-core CPU, previews included
+TRAIN_MS = 600_000  # a few steps on a busy 2-core CPU, previews included: 281 s seen at load 10
 ITERATIONS = 4
 
 
@@ -102,17 +102,23 @@ def choose(page, elem_id: str, value: str) -> None:
     box.press("Escape")
 
 
+# A component's text and its first textarea's value, read in one JS call (never a locator that a
+# re-render can leave unresolved); gradio 3 repeats an HTML component's id inside it: the first is the outer.
+_TEXT_JS = """id => {
+    const el = document.querySelector("#" + CSS.escape(id));
+    if (!el) return "";
+    const box = el.querySelector("textarea");
+    return el.innerText + (box ? "\\n" + box.value : "");
+}"""
+
+
 def wait_text(page, elem_id: str, pattern: str, timeout: int = STEP_MS, absent: bool = False) -> str:
     """Wait until the component's text matches (or, with ``absent``, stops matching)."""
     rx = re.compile(pattern)
     deadline = time.monotonic() + timeout / 1000
     text = ""
     while time.monotonic() < deadline:
-        loc = page.locator(f"#{elem_id}").first  # gradio 3 repeats an HTML component's id inside it
-        text = loc.inner_text() if loc.count() else ""
-        boxes = loc.locator("textarea")
-        if boxes.count():
-            text += "\n" + boxes.first.input_value()
+        text = page.evaluate(_TEXT_JS, elem_id)
         if bool(rx.search(text)) != absent:
             return text
         page.wait_for_timeout(250)
@@ -121,9 +127,10 @@ def wait_text(page, elem_id: str, pattern: str, timeout: int = STEP_MS, absent: 
 
 
 def table_names(page) -> list[str]:
-    """The first column of Manage's table."""
+    """The first column of Manage's table, read in one JS call: gradio re-renders the table at any
+    moment, and per-cell locators taken before a re-render can wait forever on a row now gone."""
     cells = page.locator("#spm_manage_table tbody tr td:first-child")
-    return [c.inner_text().strip() for c in cells.all()]
+    return cells.evaluate_all("cells => cells.map(c => c.innerText.trim())")
 
 
 def wait_table(page, present: list[str] = (), absent: list[str] = (), timeout: int = STEP_MS) -> list[str]:
@@ -220,7 +227,7 @@ def flow(page, res: Result, shots: Path, url: str) -> None:
         wait_table(page, present=["circle_small"], absent=["circle_renamed"])
         if len(res.data["dialogs"]) != dialogs + 1 or "circle_renamed" not in res.data["dialogs"][-1]:
             raise AssertionError(f"no confirm dialog naming the file: {res.data['dialogs']}")
-        res.data["notes"]["delete_message"] = page.locator("#spm_manage_message").first.inner_text().strip()
+        res.data["notes"]["delete_message"] = page.evaluate(_TEXT_JS, "spm_manage_message").strip()
 
 
 if __name__ == "__main__":
