@@ -143,16 +143,24 @@ def diff(a, b) -> float:
 
 @pytest.fixture(scope="module")
 def servers(tmp_path_factory):
+    """``servers(*flags)``: a WebUI started with those flags. One runs at a time (each holds a
+    full-size model in memory); the tests are ordered so each set of flags starts once."""
     running: dict[tuple, Server] = {}
 
     def get(*flags):
         if flags not in running:
+            for s in running.values():
+                s.close()
+            running.clear()
             running[flags] = Server(tmp_path_factory.mktemp("webui"), flags)
         return running[flags]
 
     yield get
     for s in running.values():
         s.close()
+
+
+BARE = {}  # the unmoderated image of the default prompt, from the first server without flags
 
 
 def args(*choices, enabled=True, ft=True, factor=1.0, metric="pooled_tokenuni"):
@@ -172,17 +180,13 @@ def test_the_extension_loads_lists_its_spms_and_its_script(servers):
     assert TITLE.lower() in json.dumps(scripts).lower()
 
 
-def test_start_up_says_loudly_what_an_enforced_spm_lacks(servers):
-    s = servers("--spm-enforce", "does_not_exist:1")
-    assert "enforced SPM 'does_not_exist' cannot be used" in s.log()
-
-
 # -- applying and infotext --------------------------------------------------------------------------
 
 @needs_model
 def test_an_spm_acts_on_its_concept_and_the_infotext_says_exactly_what_acted(servers):
     s = servers()
     bare, info = s.image(args=args(enabled=False))
+    BARE["snoopy"] = bare
     assert not any(k.startswith("SPM") for k in info["extra_generation_params"])
     on, info = s.image(args=args(("snoopy", 1.0)))
     assert diff(on, bare) > 0.5
@@ -246,7 +250,9 @@ BYPASSES = [
 
 @needs_model
 def test_no_user_input_weakens_an_enforced_spm(servers):
-    bare, _ = servers().image(args=args(enabled=False))
+    bare = BARE.get("snoopy")
+    if bare is None:
+        bare, _ = servers().image(args=args(enabled=False))
     s = servers("--spm-enforce", "snoopy:1")
     enforced, info = s.image(args=args(enabled=False))
     assert diff(enforced, bare) > 0.5
@@ -261,21 +267,22 @@ def test_no_user_input_weakens_an_enforced_spm(servers):
 
 
 @needs_model
-@pytest.mark.parametrize("enforce,message", [
-    ("does_not_exist:1", "enforced SPM 'does_not_exist' cannot be used"),
-    ("xl:1", "none of the enforced SPMs (xl) fits"),
-])
-def test_an_enforced_spm_that_cannot_act_refuses_every_generation(servers, enforce, message):
-    s = servers("--spm-enforce", enforce)
-    for a in (args(enabled=False), args(("snoopy", 1.0)), None):
-        status, out = s.txt2img(args=a)
-        assert status == 503 and message in out.get("errors", "") and "images" not in out, out
-
-
-@needs_model
 def test_lockdown_refuses_user_spms(servers):
     s = servers("--spm-enforce", "snoopy:1", "--spm-lockdown")
     status, out = s.txt2img(args=args(("snoopy_copy", 1.0)))
     assert status == 422 and "turned off user SPMs" in out["errors"], out
     _, info = s.image(args=args(enabled=False))
     assert info["extra_generation_params"]["SPM enforced"] == "snoopy:1"
+
+
+@needs_model
+@pytest.mark.parametrize("enforce,message", [
+    ("does_not_exist:1", "enforced SPM 'does_not_exist' cannot be used"),
+    ("xl:1", "none of the enforced SPMs (xl) fits"),
+])
+def test_an_enforced_spm_that_cannot_act_refuses_every_generation(servers, enforce, message):
+    s = servers("--spm-enforce", enforce)
+    assert "EVERY GENERATION WILL BE REFUSED" in s.log()  # said loudly at start-up
+    for a in (args(enabled=False), args(("snoopy", 1.0)), None):
+        status, out = s.txt2img(args=a)
+        assert status == 503 and message in out.get("errors", "") and "images" not in out, out
