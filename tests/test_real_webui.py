@@ -190,7 +190,7 @@ def test_an_spm_acts_on_its_concept_and_the_infotext_says_exactly_what_acted(ser
     assert not any(k.startswith("SPM") for k in info["extra_generation_params"])
     on, info = s.image(args=args(("snoopy", 1.0)))
     assert diff(on, bare) > 0.5
-    assert "SPM: snoopy:1," in info["infotexts"][0] and "SPM hashes: \"snoopy: " in info["infotexts"][0]
+    assert 'SPM: "snoopy:1"' in info["infotexts"][0] and 'SPM hashes: "snoopy: ' in info["infotexts"][0]
     other_bare, _ = s.image("a photo of a cat", args=args(enabled=False))
     other_on, _ = s.image("a photo of a cat", args=args(("snoopy", 1.0)))
     assert diff(other_on, other_bare) < diff(on, bare) / 4  # FT: another prompt barely moves
