@@ -289,7 +289,7 @@ class SPMLibrary:
             sha256=spm.sha256 or "",
             description=md.description,
             slices=tuple(s.name for s in spm.slices()),
-            metadata=dict(read_header(path)[1]),
+            metadata=dict(spm.raw_metadata),  # the bytes load_spm read: no second open
         )
 
     @staticmethod

@@ -137,7 +137,8 @@ def _judge_header(path: Path, f: BinaryIO, size: int) -> Header:
     try:
         header = strict_json.loads(text, f"{path.name}: header")
     except SPMFormatError:
-        _refuse_pickle(path, head)
+        if not text.lstrip().startswith("{"):  # a JSON object that went wrong is no pickle
+            _refuse_pickle(path, head)
         raise
     if not isinstance(header, dict):
         raise SPMFormatError(f"{path.name}: header is not a JSON object")
@@ -161,7 +162,7 @@ def _judge_entry(path: Path, key: str, entry) -> TensorEntry:
         raise SPMFormatError(f"{path.name}: malformed header entry for {shown}")
     dtype, shape, offs = entry["dtype"], entry["shape"], entry["data_offsets"]
     if not isinstance(dtype, str) or dtype not in DTYPES:
-        what = strict_json.show(dtype) if isinstance(dtype, str) else f"a JSON {type(dtype).__name__}"
+        what = strict_json.show(dtype) if isinstance(dtype, str) else f"a JSON {strict_json.type_name(dtype)}"
         raise SPMFormatError(f"{path.name}: tensor {shown} has dtype {what}; SPMs are F16/BF16/F32/F64")
     if not (isinstance(shape, list) and len(shape) <= MAX_DIMS and all(_is_int(d) and d >= 0 for d in shape)):
         raise SPMFormatError(f"{path.name}: tensor {shown} has an invalid shape")

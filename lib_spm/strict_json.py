@@ -92,3 +92,9 @@ def check_text(s: str, what: str) -> None:
 def show(s: str) -> str:
     """A value for a one-line message: quoted, newlines and lone surrogates escaped, cut short."""
     return repr(s if len(s) <= 120 else s[:120] + "...")
+
+
+def type_name(value: object) -> str:
+    """The JSON name of a parsed value's type, for messages."""
+    names = {dict: "object", list: "array", str: "string", bool: "boolean", int: "number", float: "number"}
+    return "null" if value is None else names.get(type(value), type(value).__name__)
