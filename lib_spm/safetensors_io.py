@@ -23,6 +23,7 @@ import torch
 
 from . import strict_json
 from .errors import SPMFormatError, SPMValueError
+from .strict_json import show
 
 # An SPM header is a few hundred KiB even for an SDXL pack of many concepts.
 MAX_HEADER_BYTES = 16 * 1024 * 1024
@@ -100,6 +101,8 @@ def _open_regular(path: Path) -> tuple[int, int]:
         fd = os.open(path, flags)
     except OSError as e:
         raise SPMFormatError(f"{path.name}: cannot read file: {e.strerror or e}") from None
+    except ValueError:  # a NUL in the path
+        raise SPMFormatError(f"{show(path.name)}: not a usable file name") from None
     try:
         st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode):
@@ -157,12 +160,12 @@ def _is_int(x) -> bool:
 
 
 def _judge_entry(path: Path, key: str, entry) -> TensorEntry:
-    shown = strict_json.show(key)
+    shown = show(key)
     if not isinstance(entry, dict) or set(entry) != {"dtype", "shape", "data_offsets"}:
         raise SPMFormatError(f"{path.name}: malformed header entry for {shown}")
     dtype, shape, offs = entry["dtype"], entry["shape"], entry["data_offsets"]
     if not isinstance(dtype, str) or dtype not in DTYPES:
-        what = strict_json.show(dtype) if isinstance(dtype, str) else f"a JSON {strict_json.type_name(dtype)}"
+        what = show(dtype) if isinstance(dtype, str) else f"a JSON {strict_json.type_name(dtype)}"
         raise SPMFormatError(f"{path.name}: tensor {shown} has dtype {what}; SPMs are F16/BF16/F32/F64")
     if not (isinstance(shape, list) and len(shape) <= MAX_DIMS and all(_is_int(d) and d >= 0 for d in shape)):
         raise SPMFormatError(f"{path.name}: tensor {shown} has an invalid shape")
@@ -179,16 +182,16 @@ def _judge_layout(path: Path, entries: dict[str, TensorEntry], data_len: int) ->
     """
     for key, e in entries.items():
         if not 0 <= e.begin <= e.end <= data_len:
-            raise SPMFormatError(f"{path.name}: tensor {strict_json.show(key)} points outside the file (truncated?)")
+            raise SPMFormatError(f"{path.name}: tensor {show(key)} points outside the file (truncated?)")
         if e.end - e.begin != e.numel * DTYPES[e.dtype][1]:
-            raise SPMFormatError(f"{path.name}: tensor {strict_json.show(key)}: byte size does not match its shape")
+            raise SPMFormatError(f"{path.name}: tensor {show(key)}: byte size does not match its shape")
     spans = sorted((e.begin, e.end, k) for k, e in entries.items())
     pos, prev = 0, None
     for begin, end, key in spans:
         if begin < pos:
-            raise SPMFormatError(f"{path.name}: tensors {strict_json.show(prev)} and {strict_json.show(key)} overlap")
+            raise SPMFormatError(f"{path.name}: tensors {show(prev)} and {show(key)} overlap")
         if begin > pos:
-            raise SPMFormatError(f"{path.name}: {begin - pos} unused bytes before tensor {strict_json.show(key)}")
+            raise SPMFormatError(f"{path.name}: {begin - pos} unused bytes before tensor {show(key)}")
         pos, prev = end, key
     if pos != data_len:
         raise SPMFormatError(

@@ -93,6 +93,8 @@ def test_special_files_are_refused_unopened(tmp_path, capsys):
         assert main(["inspect", str(path), "--json"]) == 2
         out = capsys.readouterr()
         assert out.out == "" and out.err.count("\n") == 1 and out.err.startswith("error: "), (kind, out.err)
+    with pytest.raises(SPMFormatError):
+        load_spm(tmp_path / "nul\x00byte.safetensors")  # os.stat raises ValueError for these
 
 
 # -- memory: gigabyte files are judged from their headers -----------------------------------------
