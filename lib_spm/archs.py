@@ -8,6 +8,8 @@ configurations are the published diffusers ``UNet2DConditionModel`` configs; bui
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 
 from .errors import SPMShapeError
@@ -50,6 +52,46 @@ _CONFIGS = {
         projection_class_embeddings_input_dim=2816,
     ),
 }
+
+
+class LayerLimits(NamedTuple):
+    """What a UNet offers an adapter: its Linear/Conv2d layers, their widest input and output, the
+    largest kernel side and the largest weight (elements). An SPM adapts a subset of these layers."""
+
+    layers: int
+    max_in: int
+    max_out: int
+    max_kernel: int
+    max_weight: int
+
+
+# Counted from reference_unet(arch) by layer_limits() (tests/test_files.py checks the table): kept
+# as data because building the three reference UNets costs seconds that loading a file must not.
+LAYER_LIMITS = {
+    "sd1": LayerLimits(282, 5120, 10240, 3, 29_491_200),
+    "sd2": LayerLimits(282, 5120, 10240, 3, 29_491_200),
+    "sdxl": LayerLimits(794, 5120, 10240, 3, 29_491_200),
+}
+
+
+def any_arch_limits() -> LayerLimits:
+    """The largest of every supported architecture's limits: what any SPM file may declare."""
+    return LayerLimits(*(max(col) for col in zip(*LAYER_LIMITS.values())))
+
+
+def layer_limits(unet: torch.nn.Module) -> LayerLimits:
+    n = max_in = max_out = max_kernel = max_weight = 0
+    for module in unet.modules():
+        if isinstance(module, torch.nn.Conv2d):
+            ins, outs, kernel = module.in_channels, module.out_channels, max(module.kernel_size)
+        elif isinstance(module, torch.nn.Linear):
+            ins, outs, kernel = module.in_features, module.out_features, 1
+        else:
+            continue
+        n += 1
+        max_in, max_out, max_kernel = max(max_in, ins), max(max_out, outs), max(max_kernel, kernel)
+        max_weight = max(max_weight, module.weight.numel())
+    return LayerLimits(n, max_in, max_out, max_kernel, max_weight)
 
 
 def reference_config(arch: str) -> dict:

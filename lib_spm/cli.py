@@ -7,14 +7,15 @@ import json
 import sys
 
 
-def _inspect(args) -> int:
+def inspect_info(path) -> dict:
+    """What ``inspect --json`` prints: JSON-ready values only (strings, numbers, lists, dicts)."""
     from .compat import webui_lora_check
     from .spm_file import load_spm
 
-    spm = load_spm(args.file)
+    spm = load_spm(path)
     ok, why = webui_lora_check(spm)
     md = spm.metadata
-    info = {
+    return {
         "file": str(spm.path),
         "name": spm.name,
         "format": "original model zoo" if md.format == "zoo" else f"sd-webui-spm v{md.to_dict()['spm_format']}",
@@ -22,6 +23,7 @@ def _inspect(args) -> int:
         "rank": spm.rank,
         "alpha": sorted(spm.alphas) if len(spm.alphas) > 1 else next(iter(spm.alphas)),
         "targets": md.targets,
+        "ungated": spm.ungated,
         "surrogates": md.surrogates,
         "slices": [{"name": s.name, "concepts": list(s.concepts), "rank": s.rank} for s in spm.slices()],
         "layers": len(spm.layers),
@@ -32,13 +34,24 @@ def _inspect(args) -> int:
         "description": md.description,
         "recipe": md.recipe,
     }
+
+
+def _inspect(args) -> int:
+    info = inspect_info(args.file)
+    ok, why = info["webui_builtin_lora"]["loads"], info["webui_builtin_lora"]["detail"]
     if args.json:
-        print(json.dumps(info, indent=2, ensure_ascii=False))
+        # strict JSON: the loader refused NaN/Infinity and lone surrogates, allow_nan=False proves it
+        print(json.dumps(info, indent=2, ensure_ascii=False, allow_nan=False))
         return 0
     width = max(len(k) for k in info)
     for k, v in info.items():
         if k == "webui_builtin_lora":
             v = ("yes" if ok else "no") + f" ({why})"
+        elif k == "ungated":
+            continue  # shown on the targets line
+        elif k == "targets" and info["ungated"]:
+            v = "(none — ungated: applies to every prompt)" if not v else json.dumps(v, ensure_ascii=False) + \
+                "  (a slice has none — ungated: it applies to every prompt)"
         elif isinstance(v, (list, dict)):
             if not v:
                 continue
@@ -69,6 +82,14 @@ def _bench_erasure(args) -> int:
 
     main(args.json, n=args.n, seed=args.seed, others_every=args.others_every)
     return 0
+
+
+def _bench_fuzz(args) -> int:
+    from .fuzz import bench_fuzz
+
+    report = bench_fuzz(args.n, seed=args.seed)
+    print(json.dumps(report, indent=1))
+    return 0 if report["bad"] == 0 else 1
 
 
 def _bench_merge(args) -> int:
@@ -240,6 +261,10 @@ def build_parser() -> argparse.ArgumentParser:
     bm.add_argument("--seed", type=int, default=0)
     bm.add_argument("--json", default=None)
     bm.set_defaults(run=_bench_merge)
+    fz = bsub.add_parser("fuzz", help="load seeded mutants of valid SPM files; count outcomes (BENCHMARKS.md)")
+    fz.add_argument("--n", type=int, default=10_000, help="number of mutants")
+    fz.add_argument("--seed", type=int, default=0)
+    fz.set_defaults(run=_bench_fuzz)
     m = sub.add_parser("merge", help="merge SPMs into one pack: exact (each keeps its gate) or compressed (SVD)")
     m.add_argument("out")
     m.add_argument("inputs", nargs="+", help="FILE or FILE:WEIGHT")
@@ -305,5 +330,13 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.run(args)
     except (SPMError, OSError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        print("error: " + _one_line(str(e)), file=sys.stderr)
         return 2
+    except (RecursionError, MemoryError, TypeError, KeyError, IndexError, ArithmeticError) as e:
+        # a bug, not a bad file (those are SPMErrors): still one line, with its type to report
+        print(f"error: unexpected {type(e).__name__}: " + _one_line(str(e)), file=sys.stderr)
+        return 2
+
+
+def _one_line(message: str) -> str:
+    return " ".join(message.split())[:2000].encode("utf-8", "backslashreplace").decode("utf-8")

@@ -423,7 +423,7 @@ class SPMLibrary:
                 sha256=spm.sha256 or "",
                 description=md.description,
                 slices=tuple(s.name for s in spm.slices()),
-                metadata=dict(read_header(path)[1]),
+                metadata=dict(spm.raw_metadata),  # the bytes load_spm read: no second open
             )
         except Exception as e:  # the listing shows a bad file, it never fails because of one
             return self._broken(path, base, e)

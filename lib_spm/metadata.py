@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from dataclasses import dataclass, field
 
-from .errors import SPMFormatError
+from . import strict_json
+from .errors import SPMFormatError, SPMValueError
 
 FORMAT_VERSION = 1
 
@@ -55,20 +57,17 @@ class SPMMetadata:
     @classmethod
     def from_dict(cls, md: dict[str, str], where: str = "file") -> "SPMMetadata":
         def js(key, kind):
-            try:
-                value = json.loads(md[key])
-            except json.JSONDecodeError:
-                raise SPMFormatError(f"{where}: metadata {key} is not valid JSON") from None
+            value = strict_json.loads(md[key], f"{where}: metadata {key}")
             if not isinstance(value, kind):
                 raise SPMFormatError(f"{where}: metadata {key} must be a JSON {kind.__name__}")
             return value
 
         if "spm_format" in md:
             fmt = "spm"
-            try:
-                version = int(md["spm_format"])
-            except ValueError:
-                raise SPMFormatError(f"{where}: spm_format {md['spm_format']!r} is not a version number") from None
+            if not re.fullmatch(r"[0-9]{1,6}", md["spm_format"]):
+                raise SPMFormatError(
+                    f"{where}: spm_format {strict_json.show(md['spm_format'])} is not a version number")
+            version = int(md["spm_format"])
             if version > FORMAT_VERSION:
                 raise SPMFormatError(f"{where}: made by a newer sd-webui-spm (format {version}); please update")
         else:
@@ -81,24 +80,18 @@ class SPMMetadata:
             targets = [p.strip() for p in md.get("prompts", "").split(",")]
         targets = [t for t in targets if t.strip()]
         surrogates = js("spm_surrogates", dict) if "spm_surrogates" in md else {}
+        if not all(isinstance(v, str) for v in surrogates.values()):
+            raise SPMFormatError(f"{where}: spm_surrogates must map concepts to strings")
         arch = md.get("spm_arch") or _arch_from_ss(md)
         if arch is not None and arch not in ARCHES:
-            raise SPMFormatError(f"{where}: unknown architecture {arch!r} (expected one of {ARCHES})")
+            raise SPMFormatError(
+                f"{where}: unknown architecture {strict_json.show(arch)} (expected one of {ARCHES})")
         rank = _num(md, "rank", int, where) if "rank" in md else _num(md, "ss_network_dim", int, where)
         alpha = _num(md, "alpha", float, where) if "alpha" in md else _num(md, "ss_network_alpha", float, where)
-        slices = None
-        if "spm_slices" in md:
-            slices = []
-            for s in js("spm_slices", list):
-                try:
-                    slices.append(Slice(str(s["name"]), tuple(str(c) for c in s["concepts"]), int(s["rank"])))
-                except (KeyError, TypeError, ValueError):
-                    raise SPMFormatError(f"{where}: malformed entry in spm_slices: {s!r}") from None
-                if slices[-1].rank <= 0:
-                    raise SPMFormatError(f"{where}: spm_slices entry {s!r} has no rank")
+        slices = _slices(js("spm_slices", list), where) if "spm_slices" in md else None
         return cls(
             targets=targets,
-            surrogates={str(k): str(v) for k, v in surrogates.items()},
+            surrogates=dict(surrogates),
             arch=arch,
             rank=rank,
             alpha=alpha,
@@ -131,7 +124,10 @@ class SPMMetadata:
         if self.description:
             md["spm_description"] = self.description
         if self.recipe:
-            md["spm_recipe"] = json.dumps(self.recipe, ensure_ascii=False, sort_keys=True)
+            try:  # strict JSON, as the reader demands: a NaN here would make a file nothing loads
+                md["spm_recipe"] = json.dumps(self.recipe, ensure_ascii=False, sort_keys=True, allow_nan=False)
+            except (TypeError, ValueError) as e:
+                raise SPMValueError(f"the recipe cannot be stored as JSON: {e}") from None
         if self.slices is not None:
             md["spm_slices"] = json.dumps(
                 [{"name": s.name, "concepts": list(s.concepts), "rank": s.rank} for s in self.slices],
@@ -139,6 +135,13 @@ class SPMMetadata:
             )
         md["ss_network_module"] = "networks.lora"
         return md
+
+    @property
+    def ungated(self) -> bool:
+        """True when some part of the SPM has no target concepts: it then acts on every prompt."""
+        if self.slices is None:
+            return not self.targets
+        return any(not s.concepts for s in self.slices)
 
     def gate_slices(self, total_rank: int, default_name: str) -> list[Slice]:
         """The slices the runtime gates separately; a plain SPM is one slice over its whole rank."""
@@ -158,15 +161,43 @@ def _arch_from_ss(md: dict[str, str]) -> str | None:
     return None
 
 
+def _slices(entries: list, where: str) -> list[Slice]:
+    """Strictly typed: a string is not a list of concepts, 1.9 or true is not a rank."""
+    out, names = [], set()
+    for s in entries:
+        shown = strict_json.show(json.dumps(s, ensure_ascii=False))
+        if not isinstance(s, dict) or set(s) != {"name", "concepts", "rank"}:
+            raise SPMFormatError(f"{where}: spm_slices entry {shown} must have exactly a name, concepts and a rank")
+        name, concepts, rank = s["name"], s["concepts"], s["rank"]
+        if not isinstance(name, str) or not name.strip():
+            raise SPMFormatError(f"{where}: spm_slices entry {shown} has no name")
+        if not isinstance(concepts, list) or not all(isinstance(c, str) for c in concepts):
+            raise SPMFormatError(f"{where}: spm_slices entry {shown}: concepts must be a list of strings")
+        if not isinstance(rank, int) or isinstance(rank, bool) or rank <= 0:
+            raise SPMFormatError(f"{where}: spm_slices entry {shown}: rank must be a positive whole number")
+        if name in names:
+            raise SPMFormatError(f"{where}: spm_slices has two slices named {strict_json.show(name)}")
+        names.add(name)
+        out.append(Slice(name, tuple(concepts), rank))
+    return out
+
+
+# A plain decimal number, as every writer puts it ("1", "4.0", "1e-3"); no inf/nan, no 4,300 digits.
+_NUMBER = re.compile(r"[+-]?(?:[0-9]{1,20}(?:\.[0-9]{0,20})?|\.[0-9]{1,20})(?:[eE][+-]?[0-9]{1,3})?")
+
+
 def _num(md, key, kind, where):
     if key not in md:
         return None
-    try:
-        value = kind(float(md[key])) if kind is int else kind(md[key])
-    except ValueError:
-        raise SPMFormatError(f"{where}: metadata {key}={md[key]!r} is not a number") from None
-    if kind is int and float(md[key]) != value:
-        raise SPMFormatError(f"{where}: metadata {key}={md[key]!r} is not a whole number")
+    text = md[key].strip()
+    shown = strict_json.show(md[key])
+    value = float(text) if _NUMBER.fullmatch(text) else math.nan
+    if math.isnan(value):
+        raise SPMFormatError(f"{where}: metadata {key}={shown} is not a number")
     if not math.isfinite(value) or value <= 0:
-        raise SPMFormatError(f"{where}: metadata {key}={md[key]!r} must be a positive number")
+        raise SPMFormatError(f"{where}: metadata {key}={shown} must be a positive finite number")
+    if kind is int:
+        if value != int(value):
+            raise SPMFormatError(f"{where}: metadata {key}={shown} is not a whole number")
+        return int(value)
     return value

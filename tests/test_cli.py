@@ -197,3 +197,45 @@ def test_every_command_has_help(capsys):
                  ["world", "classifier", "--out", "o"], ["world", "eval"], ["world", "release", "--from", "r",
                  "--classifier", "c"], ["demo"]):
         assert callable(parser.parse_args(argv).run)
+
+
+# -- hostile files: one error line, strict JSON, the ungated label ------------------------------
+
+def _small(tmp_path, md: dict, name: str = "x.safetensors") -> Path:
+    from safetensors.torch import save_file
+
+    k = "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn2_to_k"
+    t = {f"{k}.lora_down.weight": torch.full((1, 768), 0.01), f"{k}.lora_up.weight": torch.full((320, 1), 0.01)}
+    save_file(t, str(tmp_path / name), md)
+    return tmp_path / name
+
+
+@pytest.mark.parametrize("md", [
+    {"prompts": "cat", "spm_format": "1", "spm_recipe": '{"lr": NaN}'},
+    {"prompts": "cat", "spm_format": "1", "spm_targets": "[" * 1000 + "]" * 1000},
+    {"prompts": "cat", "spm_format": "1", "spm_targets": '["\\ud800"]'},
+    {"prompts": "cat", "rank": "1e400"},
+    {"prompts": "cat", "rank": "9" * 4300},
+], ids=["recipe_nan", "targets_bomb", "surrogate", "rank_1e400", "rank_4300_digits"])
+@pytest.mark.parametrize("as_json", [True, False])
+def test_inspect_hostile_metadata_is_one_error_line(tmp_path, capsys, md, as_json):
+    path = _small(tmp_path, md)
+    code = main(["inspect", str(path)] + (["--json"] if as_json else []))
+    out = capsys.readouterr()
+    assert code == 2 and out.out == ""
+    assert out.err.count("\n") == 1 and out.err.startswith("error: x.safetensors: "), out.err
+    assert "Traceback" not in out.err and "unexpected" not in out.err
+
+
+def test_inspect_shows_an_spm_without_targets_as_ungated(tmp_path, capsys):
+    path = _small(tmp_path, {"prompts": ""})
+    assert main(["inspect", str(path), "--json"]) == 0
+    info = json.loads(capsys.readouterr().out, parse_constant=lambda c: pytest.fail(f"non-strict JSON: {c}"))
+    assert info["targets"] == [] and info["ungated"] is True
+    assert main(["inspect", str(path)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split("  ", 1)[1].strip() for line in lines if line.startswith("targets ")] == [
+        "(none — ungated: applies to every prompt)"]
+    gated = _small(tmp_path, {"prompts": "cat"}, "y.safetensors")
+    assert main(["inspect", str(gated), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["ungated"] is False

@@ -440,6 +440,55 @@ def _truncated(where):
     return {"half": blob[: len(blob) // 2], "in_header": blob[: 8 + n // 2], "4_bytes": blob[:4], "empty": b""}[where]
 
 
+def _header_text(edit) -> bytes:
+    """The valid file with its header JSON text edited (for what json.dumps cannot write)."""
+    header, data = split(valid_bytes())
+    raw = edit(json.dumps(header)).encode("utf-8", "surrogatepass")
+    return struct.pack("<Q", len(raw)) + raw + data
+
+
+def _entry(field, value):
+    def build():
+        header, data = split(valid_bytes())
+        header[f"{K}.lora_down.weight"][field] = value
+        return join(header, data)
+    return build
+
+
+def _bomb(where: str, depth: int = 1000) -> bytes:
+    bomb = "[" * depth + "]" * depth
+    if where == "header":
+        return struct.pack("<Q", len(bomb)) + bomb.encode()
+    return tensors(md={**ZOO_MD, "spm_format": "1", where: bomb})
+
+
+def _slices(entries) -> bytes:
+    return tensors(md={**ZOO_MD, "spm_format": "1", "spm_slices": json.dumps(entries)})
+
+
+def _alpha_f32(value):
+    return _set(f"{K}.alpha", torch.tensor(value, dtype=torch.float32))
+
+
+def _as_dtype(dtype, scale=1.0):
+    def edit(t):
+        for k in list(t):
+            t[k] = (t[k].double() * (scale if "lora_up" in k else 1.0)).to(dtype)
+    return edit
+
+
+def _trailing(n: int) -> bytes:
+    return valid_bytes() + b"\0" * n
+
+
+def _gap() -> bytes:
+    header, data = split(valid_bytes())
+    for e in header.values():
+        if isinstance(e, dict) and "data_offsets" in e:
+            e["data_offsets"] = [o + 8 for o in e["data_offsets"]]
+    return join(header, b"\0" * 8 + data)
+
+
 # (id, file name, bytes builder, error type, load kwargs)
 BAD = [
     ("suffix_ckpt", "x.ckpt", valid_bytes, SPMFormatError, {}),
@@ -496,6 +545,71 @@ BAD = [
      lambda: tensors(md={**ZOO_MD, "spm_format": "1", "spm_arch": "sdxl"}), ArchitectureMismatch, {}),
     ("ss_base_sdxl_on_sd1", "x.safetensors",
      lambda: tensors(md={**ZOO_MD, "ss_base_model_version": "sdxl_base_v1-0"}), ArchitectureMismatch, {}),
+    # -- hostile headers and metadata: each a typed error, never RecursionError/TypeError/OverflowError
+    ("header_nesting_bomb", "x.safetensors", lambda: _bomb("header"), SPMFormatError, {}),
+    ("targets_nesting_bomb", "x.safetensors", lambda: _bomb("spm_targets"), SPMFormatError, {}),
+    ("recipe_nesting_bomb", "x.safetensors", lambda: _bomb("spm_recipe"), SPMFormatError, {}),
+    ("recipe_shallow_bomb", "x.safetensors", lambda: _bomb("spm_recipe", 40), SPMFormatError, {}),
+    ("dtype_list", "x.safetensors", _entry("dtype", ["F32"]), SPMFormatError, {}),
+    ("dtype_null", "x.safetensors", _entry("dtype", None), SPMFormatError, {}),
+    ("shape_bool", "x.safetensors", _entry("shape", [True, 768]), SPMFormatError, {}),
+    ("shape_float", "x.safetensors", _entry("shape", [1.0, 768]), SPMFormatError, {}),
+    ("offsets_2e64", "x.safetensors", _entry("data_offsets", [2 ** 64, 2 ** 64 + 3072]), SPMFormatError, {}),
+    ("offset_4300_digits", "x.safetensors", lambda: _header_text(lambda h: h.replace('"data_offsets": [0,', '"data_offsets": [' + "9" * 4300 + ",", 1)), SPMFormatError, {}),
+    ("header_nan", "x.safetensors", lambda: _header_text(lambda h: h.replace('"shape": [1, 768]', '"shape": [NaN, 768]')), SPMFormatError, {}),
+    ("header_duplicate_key", "x.safetensors", lambda: _header_text(lambda h: h.replace('{"__metadata__": {', '{"__metadata__": {"rank": "2", ', 1)), SPMFormatError, {}),
+    ("key_lone_surrogate", "x.safetensors", lambda: _header_text(lambda h: h.replace('"__metadata__": {', '"__metadata__": {"n\\udc80": "x", ', 1)), SPMFormatError, {}),
+    ("metadata_list", "x.safetensors", lambda: _header_text(lambda h: h.replace('"__metadata__": {', '"__metadata__": [{', 1).replace('"}, "lora', '"}], "lora', 1)), SPMFormatError, {}),
+    ("rank_inf", "x.safetensors", lambda: tensors(md={**ZOO_MD, "rank": "inf"}), SPMFormatError, {}),
+    ("rank_1e400", "x.safetensors", lambda: tensors(md={**ZOO_MD, "rank": "1e400"}), SPMFormatError, {}),
+    ("rank_4300_digits", "x.safetensors", lambda: tensors(md={**ZOO_MD, "rank": "9" * 4300}), SPMFormatError, {}),
+    ("rank_1_9", "x.safetensors", lambda: tensors(md={**ZOO_MD, "rank": "1.9"}), SPMFormatError, {}),
+    ("rank_true", "x.safetensors", lambda: tensors(md={**ZOO_MD, "rank": "true"}), SPMFormatError, {}),
+    ("alpha_nan", "x.safetensors", lambda: tensors(md={**ZOO_MD, "alpha": "nan"}), SPMFormatError, {}),
+    ("targets_lone_surrogate", "x.safetensors",
+     lambda: tensors(md={**ZOO_MD, "spm_format": "1", "spm_targets": '["\\ud800"]'}), SPMFormatError, {}),
+    ("recipe_nan", "x.safetensors",
+     lambda: tensors(md={**ZOO_MD, "spm_format": "1", "spm_recipe": '{"lr": NaN}'}), SPMFormatError, {}),
+    ("recipe_infinity", "x.safetensors",
+     lambda: tensors(md={**ZOO_MD, "spm_format": "1", "spm_recipe": '{"lr": 1e400}'}), SPMFormatError, {}),
+    ("surrogates_not_strings", "x.safetensors",
+     lambda: tensors(md={**ZOO_MD, "spm_format": "1", "spm_surrogates": '{"cat": 5}'}), SPMFormatError, {}),
+    ("slices_concepts_string", "x.safetensors", lambda: _slices([{"name": "a", "concepts": "cat", "rank": 1}]),
+     SPMFormatError, {}),
+    ("slices_rank_1_9", "x.safetensors", lambda: _slices([{"name": "a", "concepts": ["cat"], "rank": 1.9}]),
+     SPMFormatError, {}),
+    ("slices_rank_true", "x.safetensors", lambda: _slices([{"name": "a", "concepts": ["cat"], "rank": True}]),
+     SPMFormatError, {}),
+    ("slices_rank_1e400", "x.safetensors",
+     lambda: tensors(md={**ZOO_MD, "spm_format": "1",
+                         "spm_slices": '[{"name": "a", "concepts": ["cat"], "rank": 1e400}]'}), SPMFormatError, {}),
+    ("slices_duplicate_names", "x.safetensors",
+     lambda: tensors(md={**ZOO_MD, "rank": "2", "spm_format": "1", "spm_slices": json.dumps(
+         [{"name": "a", "concepts": ["cat"], "rank": 1}, {"name": "a", "concepts": ["dog"], "rank": 1}])}, rank=2),
+     SPMFormatError, {}),
+    ("slices_unknown_field", "x.safetensors",
+     lambda: _slices([{"name": "a", "concepts": ["cat"], "rank": 1, "gate": 2}]), SPMFormatError, {}),
+    # -- layout: the data is tiled exactly, nothing after it is read
+    ("trailing_bytes", "x.safetensors", lambda: _trailing(1), SPMFormatError, {}),
+    ("trailing_megabyte", "x.safetensors", lambda: _trailing(2 ** 20), SPMFormatError, {}),
+    ("gap_before_data", "x.safetensors", _gap, SPMFormatError, {}),
+    # -- sizes: nothing no supported UNet has
+    ("zero_size_layer", "x.safetensors",
+     lambda: tensors(lambda t: (t.__setitem__(f"{K}.lora_down.weight", torch.zeros(1, 0)),
+                                t.__setitem__(f"{K}.lora_up.weight", torch.zeros(0, 1)))), SPMShapeError, {}),
+    ("wider_than_any_unet", "x.safetensors",
+     lambda: tensors(lambda t: (t.__setitem__(f"{K}.lora_down.weight", torch.zeros(1, 8192)))), SPMShapeError, {}),
+    ("kernel_5x5", "x.safetensors",
+     lambda: tensors(_set(f"{P}.lora_down.weight", torch.zeros(1, 320, 5, 5))), SPMShapeError, {}),
+    # -- values finite on disk that overflow where they are used
+    ("f16_65504_product", "x.safetensors", lambda: tensors(lambda t: (
+        t.__setitem__(f"{K}.lora_down.weight", torch.full((1, 768), 65504.0, dtype=torch.float16)),
+        t.__setitem__(f"{K}.lora_up.weight", torch.full((320, 1), 1.0, dtype=torch.float16)))), SPMValueError, {}),
+    ("f16_delta_overflows_at_strength_10", "x.safetensors", lambda: tensors(lambda t: (
+        t.__setitem__(f"{K}.lora_down.weight", torch.full((1, 768), 100.0, dtype=torch.float16)),
+        t.__setitem__(f"{K}.lora_up.weight", torch.full((320, 1), 100.0, dtype=torch.float16)))), SPMValueError, {}),
+    ("f32_alpha_3e38", "x.safetensors", lambda: tensors(_alpha_f32(3e38)), SPMValueError, {}),
+    ("f64_1e200", "x.safetensors", lambda: tensors(_as_dtype(torch.float64, 1e202)), SPMValueError, {}),
     ("expected_sdxl_got_sd1", "x.safetensors", valid_bytes, ArchitectureMismatch, {"expected_arch": "sdxl"}),
     ("expected_sd2_got_sd1", "x.safetensors", valid_bytes, ArchitectureMismatch, {"expected_arch": "sd2"}),
 ]
@@ -689,3 +803,44 @@ def test_delta_linear_factors_for_a_1x1_conv():
     assert flat.shape == (6, 5) and conv.shape == (6, 5, 1, 1)
     assert torch.equal(conv[:, :, 0, 0], flat)
     assert not math.isclose(float(flat.abs().sum()), 0.0)
+
+
+# -- 6. limits and labels -------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("arch", ["sd1", "sd2", "sdxl"])
+def test_layer_limits_are_the_reference_unets(refs, arch):
+    """The size caps the loader applies are what the full-size reference UNets have."""
+    assert archs.layer_limits(refs(arch)) == archs.LAYER_LIMITS[arch]
+
+
+def test_the_largest_layer_of_any_unet_at_full_rank_loads(tmp_path):
+    """The caps refuse nothing real: SD's widest layer (ff GEGLU 1280 -> 10240) at rank 1280."""
+    k = "lora_unet_mid_block_attentions_0_transformer_blocks_0_ff_net_0_proj"
+    lim = archs.any_arch_limits()
+    rank = lim.max_weight // lim.max_out // 2
+    t = {f"{k}.lora_down.weight": torch.full((rank, 1280), 1e-3, dtype=torch.float16),
+         f"{k}.lora_up.weight": torch.full((10240, rank), 1e-3, dtype=torch.float16)}
+    path = tmp_path / "wide.safetensors"
+    save_file(t, str(path))
+    assert load_spm(path).layers[k].down.shape == (rank, 1280)
+
+
+def test_a_file_without_targets_is_labelled_ungated(tmp_path):
+    path = tmp_path / "x.safetensors"
+    path.write_bytes(tensors(md={**ZOO_MD, "prompts": " , "}))
+    assert load_spm(path).ungated and load_spm(path).metadata.targets == []
+    path.write_bytes(valid_bytes())
+    assert not load_spm(path).ungated
+    path.write_bytes(tensors(md={**ZOO_MD, "rank": "2", "spm_format": "1", "spm_slices": json.dumps(
+        [{"name": "a", "concepts": ["cat"], "rank": 1}, {"name": "b", "concepts": [], "rank": 1}])}, rank=2))
+    assert load_spm(path).ungated  # one slice acts on every prompt
+
+
+def test_a_recipe_that_is_not_strict_json_is_refused_on_save(tmp_path):
+    path = tmp_path / "x.safetensors"
+    path.write_bytes(valid_bytes())
+    spm = load_spm(path)
+    spm.metadata.recipe = {"lr": float("nan")}
+    with pytest.raises(SPMValueError, match="recipe"):
+        spm.save(tmp_path / "y.safetensors")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["x.safetensors"]
