@@ -100,9 +100,12 @@ class Entry:
 
     def as_row(self) -> list:
         """name, targets, architecture, rank, size, date, hash: one row of a table."""
-        targets = f"error: {self.error}" if self.error else ", ".join(self.targets)
+        targets = f"error: {self.error}" if self.error else ", ".join(self.targets) or UNGATED
         return [self.name, targets, self.arch or "?", self.rank or "", human_size(self.size_bytes),
                 self.date, self.short_hash]
+
+
+UNGATED = "(none: ungated, acts on every prompt)"
 
 
 def human_size(n: int) -> str:

@@ -300,3 +300,12 @@ def test_opposition_measures_how_much_an_spm_undoes_another(world):
     assert opposition(unet, neg, a) == pytest.approx(1.0, rel=1e-4)
     assert opposition(unet, a, a) == pytest.approx(-1.0, rel=1e-4)
     assert abs(opposition(unet, b, a)) < 0.05
+
+
+def test_an_ungated_spm_is_labelled_where_it_acts(world, tmp_path):
+    with webui(world, tmp_path) as w:
+        random_spm(w.unet, [], seed=3, std=0.3, name="everything").save(w.folder / "everything.safetensors")
+        body = ok(w, args(("everything", 1.0)))
+        assert body["info"]["SPM"] == "everything:1"
+        assert any("no target concepts" in c and "ungated" in c for c in body["comments"])
+        assert "ungated" in w.mod.ext().describe(["everything"])

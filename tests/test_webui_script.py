@@ -308,11 +308,14 @@ def test_xyz_axes_set_strength_model_and_factor(webui):
 
 def test_extra_network_cards_insert_the_tag(webui):
     (webui.folder / "circle.txt").write_text("erases circles")
+    (webui.folder / "circle.png").write_bytes(b"png")
+    (webui.folder / "star.png").symlink_to("/etc/hostname")  # a preview leading out is never shown
     page = webui.modules.ui_extra_networks.pages[-1]
     items = {i["name"]: i for i in page.list_items()}
     assert set(items) == {"circle", "star"}
     assert items["circle"]["prompt"] == '"<spm:circle:" + opts.extra_networks_default_multiplier + ">"'
     assert items["circle"]["description"] == "erases circles"
+    assert "circle.png" in items["circle"]["preview"] and items["star"]["preview"] is None
     assert "circle" in items["circle"]["search_terms"]
     assert items["circle"]["metadata"]["spm_targets"]
     assert webui.modules.extra_networks.registry["spm"].name == "spm"

@@ -42,7 +42,7 @@ from ..errors import (ArchitectureMismatch, ModerationUnavailable, SPMError, SPM
 from ..library import SPMLibrary, check_name
 from ..moderation import Policy, opposed
 from ..session import GateSettings, Session
-from ..spm_file import SPMFile
+from ..spm_file import MAX_STRENGTH, SPMFile
 from ..values import flag, number, parse_name_weights
 from .webui import PromptTokens, WebUIConcepts, WebUIRows, flagged_arch, unet_of
 
@@ -50,7 +50,6 @@ log = logging.getLogger("sd-webui-spm")
 
 SLOTS = 4  # SPM choices in the accordion; the API's args follow the same layout
 HEAD = ("enabled", "ft", "factor", "metric")  # then (name, strength) per slot
-MAX_STRENGTH = 10.0
 MAX_FACTOR = 10.0
 
 INFO_SPM, INFO_HASHES, INFO_FT = "SPM", "SPM hashes", "SPM FT"
@@ -539,10 +538,13 @@ class SPMController:
         p.close = closing
 
     def _skip(self, g: _Generation, name: str, why: str) -> None:
-        if name in g.skipped:
-            return
-        g.skipped[name] = why
-        text = f"SPM {name!r} skipped: {why}"
+        if name not in g.skipped:
+            g.skipped[name] = why
+            self._note(g, f"SPM {name!r} skipped: {why}")
+
+    @staticmethod
+    def _note(g: _Generation, text: str) -> None:
+        """A line under the image (the WebUI's comments) and in the log."""
         log.warning(text)
         comment = getattr(g.p, "comment", None)
         if callable(comment):
@@ -645,6 +647,8 @@ class SPMController:
         acted = g.enforced_acted if enforced else g.acted
         for c, spm in good:
             acted[c.name] = (c.strength, (spm.sha256 or "")[:10])
+            if spm.ungated and gate.enabled and not enforced:
+                self._note(g, f"SPM {c.name!r} has no target concepts: it acts on every prompt (ungated)")
         return good
 
     @staticmethod

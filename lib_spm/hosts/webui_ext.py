@@ -15,7 +15,7 @@ from pathlib import Path
 
 from ..errors import SPMError
 from ..jobs import JobRunner
-from ..library import SPMLibrary
+from ..library import UNGATED, SPMLibrary
 from ..moderation import Policy
 from ..session import GateSettings
 from .webui_apply import SPMController, model_arch
@@ -112,7 +112,7 @@ class Extension:
                 continue
             fits = arch is None or e.arch is None or e.arch == arch
             fit = "" if fits else f" <span class='spm-bad'>for {html.escape(str(e.arch))}, the loaded model is {arch}</span>"
-            targets = ", ".join(e.targets) or "(no targets: FT cannot gate it)"
+            targets = ", ".join(e.targets) or UNGATED
             rows.append(f"<li><b>{html.escape(name)}</b> ({html.escape(str(e.arch or '?'))}, rank {e.rank}): "
                         f"erases {html.escape(targets)}{fit}</li>")
         return f"<ul class='spm-describe'>{''.join(rows)}</ul>" if rows else ""
@@ -131,7 +131,7 @@ class Extension:
             "name": name,
             "filename": path,
             "shorthash": e.short_hash,
-            "preview": page.find_preview(stem),
+            "preview": page.link_preview(str(e.preview)) if e.preview else None,  # ours: stays inside, owned
             "description": desc,
             "search_terms": [page.search_terms_from_path(path), e.short_hash, *e.targets],
             "local_preview": f"{stem}.{getattr(self.shared.opts, 'samples_format', 'png')}",

@@ -115,7 +115,7 @@ def details(host: UIHost, name: str | None) -> tuple[str, str | None, str, str]:
 
 def details_html(entry: Entry, model_arch: str | None = None) -> str:
     rows = [
-        ("Targets", ", ".join(entry.targets) or "none"),
+        ("Targets", ", ".join(entry.targets) or UNGATED),
         ("Architecture", arch_label(entry.arch, model_arch)),
         ("Rank", entry.rank or "?"),
         ("Alpha", "?" if entry.alpha is None else f"{entry.alpha:g}"),

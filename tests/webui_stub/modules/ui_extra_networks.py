@@ -1,3 +1,4 @@
+import urllib.parse
 import json
 import os
 
@@ -24,10 +25,13 @@ class ExtraNetworksPage:
         st = os.stat(path)
         return {"date_created": int(st.st_ctime), "date_modified": int(st.st_mtime), "name": path.lower()}
 
+    def link_preview(self, filename):
+        return f"./sd_extra_networks/thumb?filename={urllib.parse.quote(filename)}&mtime={os.stat(filename).st_mtime}"
+
     def find_preview(self, path):
         for ext in ("png", "jpg", "webp", "preview.png"):
             if os.path.isfile(f"{path}.{ext}"):
-                return f"./sd_extra_networks/thumb?filename={path}.{ext}"
+                return self.link_preview(f"{path}.{ext}")
         return None
 
     def find_description(self, path):
