@@ -11,12 +11,12 @@ import json
 import math
 import os
 import struct
-import tempfile
 from pathlib import Path
 
 import torch
 from safetensors.torch import load as _st_load
 
+from . import tempfiles
 from .errors import SPMFormatError, SPMValueError
 
 # An SPM header is a few hundred KiB even for an SDXL pack of many concepts.
@@ -161,7 +161,8 @@ def write_file(
     check_finite(tensors, path.name)
     blob = serialize(tensors, metadata)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    tempfiles.clean_stale_for(path)  # leftovers of earlier writes of this file that were killed
+    fd, tmp = tempfiles.new_file(path)
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(blob)
