@@ -67,7 +67,8 @@ def _bench(args) -> int:
 def _bench_bake(args) -> int:
     from .bench_bake import bench_bake_memory
 
-    res = bench_bake_memory(args.arch, args.dtype, float_only=args.float_only, code=args.code, workdir=args.workdir)
+    res = bench_bake_memory(args.arch, args.dtype, float_only=args.float_only, code=args.code, workdir=args.workdir,
+                            only=args.only)
     print(json.dumps(res, indent=2))
     return 0
 
@@ -245,6 +246,8 @@ def build_parser() -> argparse.ArgumentParser:
     bb.add_argument("--float-only", action="store_true", help="leave out int64/int32/bool tensors (older code refused them)")
     bb.add_argument("--code", default=None, help="bake with the lib_spm in this folder (an older checkout)")
     bb.add_argument("--workdir", default=None, help="where the checkpoint is written (default: the temp folder)")
+    bb.add_argument("--only", action="append", default=None, metavar="TEXT",
+                    help="keep only float tensors whose names contain TEXT (repeatable): a smaller checkpoint")
     bb.set_defaults(run=_bench_bake)
     e = bsub.add_parser("erasure", help="erasure quality in the shapes world (cases, gates, training cost)")
     e.add_argument("--n", type=int, default=16, help="samples per prompt")
