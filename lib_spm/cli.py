@@ -77,6 +77,15 @@ def _bench(args) -> int:
     return 0
 
 
+def _bench_bake(args) -> int:
+    from .bench_bake import bench_bake_memory
+
+    res = bench_bake_memory(args.arch, args.dtype, float_only=args.float_only, code=args.code, workdir=args.workdir,
+                            only=args.only)
+    print(json.dumps(res, indent=2))
+    return 0
+
+
 def _bench_erasure(args) -> int:
     from .world.bench_erasure import main
 
@@ -175,6 +184,8 @@ def _merge(args) -> int:
     if report:
         info.update(overall_relative_error=round(report.overall_error, 6),
                     worst_layer_error=round(max(report.per_layer_error.values()), 6))
+        if report.note:
+            print(f"note: {report.note}", file=sys.stderr)
     print(json.dumps(info, indent=2))
     return 0
 
@@ -250,6 +261,15 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--batch", type=int, default=2)
     r.add_argument("--rounds", type=int, default=5)
     r.set_defaults(run=_bench)
+    bb = bsub.add_parser("bake-memory", help="peak RSS of baking into a full-size random checkpoint vs its size")
+    bb.add_argument("--arch", choices=("sd1", "sdxl"), default="sd1")
+    bb.add_argument("--dtype", choices=("fp16", "fp32", "bf16"), default="fp16", help="the checkpoint's float dtype")
+    bb.add_argument("--float-only", action="store_true", help="leave out int64/int32/bool tensors (older code refused them)")
+    bb.add_argument("--code", default=None, help="bake with the lib_spm in this folder (an older checkout)")
+    bb.add_argument("--workdir", default=None, help="where the checkpoint is written (default: the temp folder)")
+    bb.add_argument("--only", action="append", default=None, metavar="TEXT",
+                    help="keep only float tensors whose names contain TEXT (repeatable): a smaller checkpoint")
+    bb.set_defaults(run=_bench_bake)
     e = bsub.add_parser("erasure", help="erasure quality in the shapes world (cases, gates, training cost)")
     e.add_argument("--n", type=int, default=16, help="samples per prompt")
     e.add_argument("--seed", type=int, default=0)

@@ -38,6 +38,7 @@ from typing import Sequence
 
 from .errors import ArchitectureMismatch, SPMError, SPMFolderError, SPMKeyError, SPMNameError, SPMValueError
 from .metadata import SPMMetadata
+from . import tempfiles
 from .safetensors_io import read_file, read_header, write_file
 from .spm_file import SPMFile, file_sha256, load_spm, validate
 
@@ -54,9 +55,9 @@ MAX_DESCRIPTION = 10_000
 # One file name on ext4, btrfs, XFS, APFS and NTFS (NTFS counts UTF-16 units, never more than UTF-8 bytes).
 NAME_MAX_BYTES = 255
 # Each file a name makes gets a hidden temporary next to it while it is written atomically
-# (".<file>.<8 random>.tmp": 14 bytes); reserve a little more so the writer may change its scheme.
-TEMP_RESERVE = 24
-_DERIVED_BYTES = max(len(s.encode()) for s in (SUFFIX, *SIDECARS)) + TEMP_RESERVE  # 17 + 24
+# (lib_spm/tempfiles.py: ".<file>.<pid>-<random>.spm-tmp").
+TEMP_RESERVE = tempfiles.EXTRA_NAME_BYTES
+_DERIVED_BYTES = max(len(s.encode()) for s in (SUFFIX, *SIDECARS)) + TEMP_RESERVE  # 17 + 29
 _FORBIDDEN = set('\\:<>|"?*')
 _BAD_CATEGORIES = {"Cc", "Cf", "Zl", "Zp", "Cs"}  # controls, invisible/bidi marks, line separators
 # Windows device names: any case, any extension, and the superscript digits Windows also maps.

@@ -17,6 +17,7 @@ from __future__ import annotations
 import os
 import shutil
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Sequence
 
@@ -24,7 +25,8 @@ import torch
 
 from .errors import ArchitectureMismatch, SPMError, SPMShapeError, SPMValueError
 from .metadata import SPMMetadata, Slice
-from .safetensors_io import read_file, write_file
+from . import tempfiles
+from .checkpoint_io import FLOAT_DTYPES, Checkpoint, Entry, Planned, all_finite, write_stream, write_tensor
 from .spm_file import LayerWeights, SPMFile
 
 
@@ -157,6 +159,7 @@ class CompressReport:
     rank: int
     per_layer_error: dict[str, float]  # relative Frobenius error of each layer's delta
     overall_error: float  # relative error over all layers together
+    note: str = ""  # set when the rank asked for was more than the deltas have
 
 
 def merge_compressed(inputs: Sequence[tuple[SPMFile, float]], *, rank: int | None = None,
@@ -174,6 +177,13 @@ def merge_compressed(inputs: Sequence[tuple[SPMFile, float]], *, rank: int | Non
     svds = {}
     for k, lw in exact.layers.items():
         svds[k] = (*_lowrank_svd(lw), lw)
+    note = ""
+    true_rank = max([1] + [len(S) for _, S, _, _ in svds.values()])
+    if rank is not None and rank > true_rank:
+        # more columns than the deltas have would only be zeros (947 MB of them for 100000)
+        note = (f"rank {rank} is more than the merged deltas have: {true_rank} (the inputs' ranks sum to "
+                f"{exact.rank}, and no layer exceeds min(in, out)); wrote rank {true_rank}")
+        rank = true_rank
     if rank is None:
         need = 1
         for U, S, Vh, _ in svds.values():
@@ -204,7 +214,7 @@ def merge_compressed(inputs: Sequence[tuple[SPMFile, float]], *, rank: int | Non
                      recipe={"merge": {**exact.metadata.recipe["merge"], "method": "compressed", "rank": rank,
                                        "gate": "max over all concepts (one rank block, one gate)",
                                        "overall_relative_error": (num / den) ** 0.5 if den else 0.0}})
-    return SPMFile(layers, md), CompressReport(rank, errs, (num / den) ** 0.5 if den else 0.0)
+    return SPMFile(layers, md), CompressReport(rank, errs, (num / den) ** 0.5 if den else 0.0, note)
 
 
 def _lowrank_svd(lw: LayerWeights):
@@ -219,92 +229,148 @@ def _lowrank_svd(lw: LayerWeights):
 
 
 # -- bake ----------------------------------------------------------------------------------------
+#
+# A checkpoint is streamed: its header is checked (every adapted weight present, float, of the
+# right shape) before anything is written; then each tensor is either copied byte for byte (the
+# text encoder, the VAE, int64 position_ids, anything not adapted) or read, baked in fp32 and
+# written, one at a time, into a temporary published only when complete. Peak memory is a few
+# copies of the largest adapted weight, not of the checkpoint (BENCHMARKS.md, "Bake memory").
 
-def _deltas(inputs: Sequence[tuple[SPMFile, float]]) -> tuple[str | None, dict[str, torch.Tensor]]:
-    """Canonical key -> summed fp32 delta (gate 1, each input at its weight)."""
+DIFFUSERS_WEIGHTS = "diffusion_pytorch_model.safetensors"
+
+
+def _bake_pack(inputs: Sequence[tuple[SPMFile, float]]) -> SPMFile:
+    """The inputs as one exact pack: low-rank factors only; each delta is built when its weight is."""
     _check_inputs(inputs)
-    pack = merge_exact(inputs)
-    return pack.arch, {k: lw.delta() for k, lw in pack.layers.items()}
+    return merge_exact(inputs)
 
 
-def _baked(w: torch.Tensor, d: torch.Tensor, name: str) -> torch.Tensor:
-    """``w + d`` in fp32, returned in ``w``'s dtype, checked finite in the dtype that gets written."""
-    if tuple(w.shape) != tuple(d.shape):
-        raise ArchitectureMismatch(f"{name} is {tuple(w.shape)}, the SPM needs {tuple(d.shape)}")
-    new = (w.float() + d).to(w.dtype)
-    if not torch.isfinite(new).all():
-        raise SPMValueError(f"baking gives non-finite values in {name} ({w.dtype})")
-    return new
+def _check_fits(entry: Entry, lw: LayerWeights) -> None:
+    """The weight can take the layer's delta: a float tensor of its shape (1x1 kernels may be
+    present on one side only: linear and 1x1-convolution projections are the same map)."""
+    shape = (lw.out_features, lw.in_features, *lw.down.shape[2:])
+    squeeze = (lambda s: s[:2] if len(s) == 4 and s[2:] == (1, 1) else s)
+    if squeeze(tuple(entry.shape)) != squeeze(shape):
+        raise ArchitectureMismatch(f"{entry.name} is {entry.shape}, the SPM needs {shape}")
+    if entry.dtype not in FLOAT_DTYPES:
+        raise ArchitectureMismatch(f"{entry.name} holds {entry.dtype}, not float weights; it cannot be baked")
+
+
+def _write_baked(ckpt: Checkpoint, dst: Path, targets: dict[str, LayerWeights]) -> dict:
+    """Stream ``ckpt`` to ``dst``: ``targets`` baked, every other tensor copied unchanged."""
+    stats = {"max_abs_delta": 0.0}
+
+    def baked(entry: Entry, lw: LayerWeights, out) -> None:
+        w = ckpt.read(entry)
+        new = w.to(torch.promote_types(w.dtype, torch.float32))  # fp32 math (fp64 stays fp64)
+        d = lw.delta().reshape(entry.shape)
+        new += d
+        stats["max_abs_delta"] = max(stats["max_abs_delta"], float(d.abs().max()))
+        del d
+        new = new.to(w.dtype)
+        if not all_finite(new):  # judged in the dtype that is written
+            raise SPMValueError(f"baking gives non-finite values in {entry.name} ({entry.dtype})")
+        write_tensor(out, new)
+
+    plan = [Planned(e.name, e.dtype, e.shape,
+                    partial(baked, e, targets[e.name]) if e.name in targets else partial(ckpt.copy, e))
+            for e in ckpt.entries.values()]
+    write_stream(dst, plan, ckpt.metadata, mode=ckpt.mode)  # readable by whoever could read the source
+    return {"layers": len(targets), **stats}
+
+
+def _check_new_file(src: Path, dst: Path) -> None:
+    if dst.resolve() == src.resolve():
+        raise SPMValueError("baking never overwrites the source checkpoint; choose another output")
+    if dst.exists() or dst.is_symlink():
+        raise FileExistsError(f"{dst} exists")
+    if dst.suffix.lower() != ".safetensors":
+        raise SPMValueError(f"{dst.name}: the baked checkpoint is written as .safetensors; name it so")
 
 
 def bake_ldm_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, inputs: Sequence[tuple[SPMFile, float]],
                         *, arch: str | None = None) -> dict:
     """Write a new single-file LDM checkpoint (as the WebUI loads it) with the deltas added.
 
-    Refuses to overwrite ``src`` or an existing ``dst``; everything is checked before writing.
-    Returns {"layers": n, "max_abs_delta": x}.
+    Refuses to overwrite ``src`` or an existing ``dst``; every name, shape and dtype is checked
+    before writing. Returns {"layers": n, "max_abs_delta": x}.
     """
     src, dst = Path(src), Path(dst)
-    if dst.resolve() == src.resolve():
-        raise SPMValueError("baking never overwrites the source checkpoint; choose another output")
-    if dst.exists():
-        raise FileExistsError(f"{dst} exists")
-    spm_arch, deltas = _deltas(inputs)
-    arch = arch or spm_arch
+    if src.suffix.lower() != ".safetensors":
+        raise SPMValueError("only .safetensors checkpoints can be baked")
+    _check_new_file(src, dst)
+    pack = _bake_pack(inputs)
+    arch = arch or pack.arch
     if arch is None:
         raise SPMValueError("architecture unknown: pass arch= to bake")
     from . import archs
     from .names import layer_names
 
     ref_names = {n.key: n for n in layer_names(archs.reference_unet(arch)).values()}
-    tensors, md = read_file(src) if src.suffix == ".safetensors" else (None, None)
-    if tensors is None:
-        raise SPMValueError("only .safetensors checkpoints can be baked")
-    out = dict(tensors)
-    biggest = 0.0
-    for key, d in deltas.items():
-        name = ref_names.get(key)
-        if name is None:
-            raise SPMShapeError(f"{key} is not a layer of an {arch} UNet")
-        wkey = f"model.diffusion_model.{name.ldm}.weight"
-        if wkey not in tensors:
-            raise ArchitectureMismatch(f"{src.name} has no {wkey}: not an {arch} checkpoint")
-        out[wkey] = _baked(tensors[wkey], d, wkey)
-        biggest = max(biggest, float(d.abs().max()))
-    write_file(dst, out, md)
-    return {"layers": len(deltas), "max_abs_delta": biggest}
+    with Checkpoint(src) as ckpt:
+        targets = {}
+        for key, lw in pack.layers.items():
+            name = ref_names.get(key)
+            if name is None:
+                raise SPMShapeError(f"{key} is not a layer of an {arch} UNet")
+            wkey = f"model.diffusion_model.{name.ldm}.weight"
+            if wkey not in ckpt.entries:
+                raise ArchitectureMismatch(f"{src.name} has no {wkey}: not an {arch} checkpoint")
+            _check_fits(ckpt.entries[wkey], lw)
+            targets[wkey] = lw
+        return _write_baked(ckpt, dst, targets)
+
+
+def _inside(path: Path, folder: Path) -> bool:
+    return path == folder or folder in path.parents
 
 
 def bake_diffusers_folder(src: str | os.PathLike, dst: str | os.PathLike, inputs: Sequence[tuple[SPMFile, float]]) -> dict:
-    """Copy a diffusers model folder to ``dst`` with the deltas added to ``unet`` weights."""
+    """Copy a diffusers model folder to ``dst`` with the deltas added to ``unet`` weights.
+
+    The copy is built in a fresh temporary folder next to ``dst`` and renamed into place when
+    complete; nothing that exists is deleted or overwritten. Other weight files of the UNet
+    (``.bin``, ``.fp16`` variants) would stay unbaked, so they are left out and listed.
+    """
     src, dst = Path(src), Path(dst)
-    if dst.exists():
+    if dst.exists() or dst.is_symlink():
         raise FileExistsError(f"{dst} exists")
-    weights = src / "unet" / "diffusion_pytorch_model.safetensors"
-    if not weights.exists():
-        raise SPMValueError(f"{src} is not a diffusers folder with unet/diffusion_pytorch_model.safetensors")
-    _, deltas = _deltas(inputs)
-    tensors, md = read_file(weights)
-    # resolve forward: each checkpoint weight's file key, then look the SPM's keys up
-    by_key = {"lora_unet_" + k[: -len(".weight")].replace(".", "_"): k for k in tensors if k.endswith(".weight")}
-    out, biggest = dict(tensors), 0.0
-    for key, d in deltas.items():
-        wkey = by_key.get(key)
-        if wkey is None:
-            raise ArchitectureMismatch(f"{weights.name} has no weight for {key}")
-        out[wkey] = _baked(tensors[wkey], d, wkey)
-        biggest = max(biggest, float(d.abs().max()))
-    tmp = dst.with_name(dst.name + ".partial")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    try:
-        shutil.copytree(src, tmp, ignore=shutil.ignore_patterns("diffusion_pytorch_model.safetensors"))
-        write_file(tmp / "unet" / "diffusion_pytorch_model.safetensors", out, md)
-        tmp.rename(dst)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return {"layers": len(deltas), "max_abs_delta": biggest}
+    weights = src / "unet" / DIFFUSERS_WEIGHTS
+    if not weights.is_file():
+        raise SPMValueError(f"{src} is not a diffusers folder with unet/{DIFFUSERS_WEIGHTS}")
+    if _inside(dst.parent.resolve() / dst.name, src.resolve()):
+        raise SPMValueError(f"{dst} is inside the source folder {src}; the copy would contain itself")
+    pack = _bake_pack(inputs)
+    skipped: list[str] = []
+
+    def ignore(folder: str, names: list[str]) -> list[str]:
+        if Path(folder) != src / "unet":
+            return []
+        out = [n for n in names if n.startswith("diffusion_pytorch_model")]
+        skipped.extend(f"unet/{n}" for n in out if n != DIFFUSERS_WEIGHTS)
+        return out
+
+    with Checkpoint(weights) as ckpt:
+        # resolve forward: each checkpoint weight's file key, then look the SPM's keys up
+        by_key = {"lora_unet_" + k[: -len(".weight")].replace(".", "_"): k for k in ckpt.entries if k.endswith(".weight")}
+        targets = {}
+        for key, lw in pack.layers.items():
+            wkey = by_key.get(key)
+            if wkey is None:
+                raise ArchitectureMismatch(f"{weights.name} has no weight for {key}")
+            _check_fits(ckpt.entries[wkey], lw)
+            targets[wkey] = lw
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        tempfiles.clean_stale_for(dst)
+        tmp = tempfiles.new_folder(dst)
+        try:
+            shutil.copytree(src, tmp, ignore=ignore, dirs_exist_ok=True)
+            rep = _write_baked(ckpt, tmp / "unet" / DIFFUSERS_WEIGHTS, targets)
+            tempfiles.publish_folder(tmp, dst)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+    return {**rep, **({"not_copied": sorted(skipped)} if skipped else {})}
 
 
 __all__ = ["merge_exact", "merge_compressed", "extract", "bake_ldm_checkpoint", "bake_diffusers_folder",

@@ -13,7 +13,6 @@ import math
 import os
 import stat
 import struct
-import tempfile
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,7 +20,7 @@ from typing import BinaryIO, Iterator
 
 import torch
 
-from . import strict_json
+from . import strict_json, tempfiles
 from .errors import SPMFormatError, SPMValueError
 from .strict_json import show
 
@@ -302,7 +301,8 @@ def write_file(
     check_finite(tensors, path.name)
     blob = serialize(tensors, metadata)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    tempfiles.clean_stale_for(path)  # leftovers of earlier writes of this file that were killed
+    fd, tmp = tempfiles.new_file(path)
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(blob)

@@ -142,6 +142,7 @@ class Session:
         self._col_slice = torch.tensor([i for a in self._applied for i in a.slice_ids], dtype=torch.long)
         self._layers: dict[str, _Layer] = {}
         self._handles: list = []
+        self._token: object | None = None  # identifies the hooks of the current attach
         self._coef: torch.Tensor | None = None  # [B, R] of the current UNet call
         self._coef_cache: dict = {}
         self.last_gates: torch.Tensor | None = None  # [B, slices] of the last UNet call
@@ -170,22 +171,33 @@ class Session:
         self._applied[index].strength = float(strength)
 
     def attach(self) -> "Session":
-        """Validate everything, then register hooks. On any error nothing is attached."""
+        """Validate everything, then register hooks. On any error, a KeyboardInterrupt included,
+        nothing stays attached: each handle is recorded the moment it exists and the failure
+        removes every recorded one."""
         if self.attached:
             raise SPMRuntimeError("session is already attached")
         layers = self._build_layers()
         if self.gate.enabled:
             self._prepare_concepts()
-        handles = [self.unet.register_forward_pre_hook(self._on_unet_call, with_kwargs=True)]
-        for path, layer in layers.items():
-            handles.append(layer.module.register_forward_hook(partial(self._on_layer, layer)))
-        self._layers, self._handles = layers, handles
+        # hooks act only while their token is the session's: one registered in the instant before
+        # its handle could be recorded (an interrupt there) can leak, but never acts
+        token = self._token = object()
+        self._layers = layers
+        try:
+            self._handles.append(self.unet.register_forward_pre_hook(
+                partial(self._on_unet_call, token), with_kwargs=True))
+            for layer in layers.values():
+                self._handles.append(layer.module.register_forward_hook(partial(self._on_layer, token, layer)))
+        except BaseException:
+            self.detach()
+            raise
         return self
 
     def detach(self) -> None:
-        for h in self._handles:
-            h.remove()
-        self._handles = []
+        self._token = None
+        while self._handles:  # pop one by one: an interrupt here leaves only unremoved handles recorded
+            self._handles[-1].remove()
+            self._handles.pop()
         self._layers = {}
         self._coef = None
         self._coef_cache = {}
@@ -273,7 +285,9 @@ class Session:
             )
         return functional.slice_gates(scores, self._groups, self.gate.factor)
 
-    def _on_unet_call(self, module, args, kwargs):
+    def _on_unet_call(self, token, module, args, kwargs):
+        if token is not self._token:
+            return None  # a hook of an earlier, interrupted attach
         cond = self._conditioning_of(args, kwargs)
         B = cond.shape[0]
         gates = self.gates(cond, self._row_tokens(B) if self._row_tokens else None)
@@ -290,7 +304,9 @@ class Session:
             self._coef_cache[key] = None if not bool(coef.any()) else coef.to(like.dtype)
         return self._coef_cache[key]
 
-    def _on_layer(self, layer: _Layer, module, args, output):
+    def _on_layer(self, token, layer: _Layer, module, args, output):
+        if token is not self._token:
+            return None
         if self._coef is None:
             raise SPMRuntimeError("an adapted layer ran outside a call of the UNet the session is attached to")
         x = args[0]

@@ -175,6 +175,26 @@ def test_merge_extract_commands(tmp_path, capsys):
     assert "not a number" in capsys.readouterr().err
 
 
+def test_merge_rank_is_capped_at_the_true_rank_with_a_note(tmp_path, capsys):
+    """Rank-1 and rank-2 inputs hold at most rank 3: asking for 100000 writes rank 3, says so,
+    and the file is the size of an honest rank-3 file (no zero padding)."""
+    import json as _json
+
+    from lib_spm import load_spm
+    from lib_spm.cli import main
+
+    _tiny_files(tmp_path)
+    a, b = str(tmp_path / "a.safetensors"), str(tmp_path / "b.safetensors")
+    assert main(["merge", str(tmp_path / "big.safetensors"), a, b, "--rank", "100000"]) == 0
+    captured = capsys.readouterr()
+    out = _json.loads(captured.out)
+    assert out["rank"] == 3 and load_spm(tmp_path / "big.safetensors").rank == 3
+    assert "note: rank 100000 is more than the merged deltas have: 3" in captured.err
+    assert main(["merge", str(tmp_path / "r3.safetensors"), a, b, "--rank", "3"]) == 0
+    assert "note:" not in capsys.readouterr().err
+    assert abs(out["bytes"] - (tmp_path / "r3.safetensors").stat().st_size) < 64  # names differ, tensors not
+
+
 def test_bake_command_on_a_diffusers_folder(tmp_path, capsys):
     import json as _json
 
@@ -193,7 +213,7 @@ def test_every_command_has_help(capsys):
 
     parser = build_parser()
     for argv in (["inspect", "x"], ["merge", "o", "i"], ["extract", "p", "s", "o"], ["bake", "s", "d", "i"],
-                 ["bench", "runtime"], ["bench", "erasure"], ["bench", "merge"], ["world", "train", "--out", "o"],
+                 ["bench", "runtime"], ["bench", "erasure"], ["bench", "bake-memory", "--arch", "sdxl"], ["bench", "merge"], ["world", "train", "--out", "o"],
                  ["world", "classifier", "--out", "o"], ["world", "eval"], ["world", "release", "--from", "r",
                  "--classifier", "c"], ["demo"]):
         assert callable(parser.parse_args(argv).run)

@@ -193,3 +193,207 @@ def test_bake_ldm_checkpoint_adds_deltas_in_fp32_and_never_overwrites(tmp_path):
     write_file(tmp_path / "other.safetensors", ckpt, {})
     with pytest.raises(ArchitectureMismatch, match="not an sd1 checkpoint"):
         bake_ldm_checkpoint(tmp_path / "other.safetensors", tmp_path / "o.safetensors", [(spm, 1.0)])
+
+
+# -- bake: real checkpoints, streaming, files it does not own -------------------------------------
+
+def _with_non_floats(ckpt: dict) -> dict:
+    """What real checkpoints carry besides float weights (int64 position_ids above all)."""
+    g = torch.Generator().manual_seed(5)
+    return {**ckpt,
+            "cond_stage_model.transformer.text_model.embeddings.position_ids": torch.arange(77).reshape(1, 77),
+            "model_ema.num_updates": torch.tensor(1234, dtype=torch.int32),
+            "model_ema.decay": torch.tensor(0.9999),
+            "spm_test.mask": torch.rand(7, 5, generator=g) < 0.5,
+            "spm_test.codes": torch.randint(-100, 100, (3, 4), generator=g, dtype=torch.int8),
+            "first_stage_model.weight": torch.randn(6, 4, generator=g).to(torch.bfloat16)}
+
+
+def test_bake_copies_non_float_tensors_unchanged_and_bakes_weights_as_before(tmp_path):
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    spm, ckpt = _sd1_subset_spm()
+    full = _with_non_floats(ckpt)
+    src = tmp_path / "model.safetensors"
+    save_file(full, str(src), {"note": "kept"})
+    before = src.read_bytes()
+    rep = bake_ldm_checkpoint(src, tmp_path / "baked.safetensors", [(spm, 0.5)])
+    out = load_file(str(tmp_path / "baked.safetensors"))
+    with safe_open(str(tmp_path / "baked.safetensors"), "pt") as f:
+        assert f.metadata() == {"note": "kept"}
+    assert set(out) == set(full) and rep["layers"] == 3 and src.read_bytes() == before
+    baked = [k for k in ckpt if k.endswith(".weight")]
+    for key in full:
+        assert out[key].dtype == full[key].dtype and out[key].shape == full[key].shape
+        if key not in baked:
+            assert torch.equal(out[key], full[key])  # copied as it was, whatever its dtype
+    for key, lw in zip(baked, spm.layers.values()):  # the old (read-all) bake's formula, bit for bit
+        assert torch.equal(out[key], (ckpt[key].float() + 0.5 * lw.delta()).half())
+    assert rep["max_abs_delta"] == pytest.approx(max(0.5 * float(lw.delta().abs().max()) for lw in spm.layers.values()))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["baked.safetensors", "model.safetensors"]
+    assert (tmp_path / "baked.safetensors").stat().st_mode == src.stat().st_mode  # not a private 0600
+
+
+def test_bake_refuses_what_it_cannot_stream_before_writing(tmp_path):
+    import os
+
+    from safetensors.torch import save_file
+
+    from lib_spm.errors import SPMFormatError
+
+    spm, ckpt = _sd1_subset_spm()
+    key = next(k for k in ckpt if k.endswith(".weight"))
+    save_file({**ckpt, key: ckpt[key].to(torch.int16)}, str(tmp_path / "ints.safetensors"))
+    with pytest.raises(ArchitectureMismatch, match="I16, not float weights"):
+        bake_ldm_checkpoint(tmp_path / "ints.safetensors", tmp_path / "o.safetensors", [(spm, 1.0)])
+    (tmp_path / "junk.safetensors").write_bytes(b"\x10" + b"\0" * 7 + b"[" * 16)
+    with pytest.raises(SPMFormatError, match="not valid JSON"):
+        bake_ldm_checkpoint(tmp_path / "junk.safetensors", tmp_path / "o.safetensors", [(spm, 1.0)])
+    if hasattr(os, "mkfifo"):  # a FIFO is refused without waiting for a writer
+        os.mkfifo(tmp_path / "fifo.safetensors")
+        with pytest.raises(SPMFormatError, match="not a regular file"):
+            bake_ldm_checkpoint(tmp_path / "fifo.safetensors", tmp_path / "o.safetensors", [(spm, 1.0)])
+    assert not (tmp_path / "o.safetensors").exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
+def _temp(folder, dest: str, pid: int, age_s: float, tag: str = "abcd_123"):
+    import os
+    import time
+
+    from lib_spm import tempfiles
+
+    path = folder / f".{dest}.{pid}-{tag}{tempfiles.SUFFIX}"
+    path.write_bytes(b"x" * 64)
+    when = time.time() - age_s
+    os.utime(path, (when, when))
+    return path
+
+
+DEAD = 999_999_999  # above any pid_max (Linux allows at most 2**22): no process has this id
+
+
+def test_next_write_cleans_only_its_own_stale_temporaries(tmp_path):
+    import os
+
+    from safetensors.torch import save_file
+
+    from lib_spm import tempfiles
+
+    spm, ckpt = _sd1_subset_spm()
+    save_file(ckpt, str(tmp_path / "model.safetensors"))
+    name = "baked.safetensors"
+    stale = _temp(tmp_path, name, DEAD, 120)  # its writer is gone and it sat for two minutes
+    abandoned = _temp(tmp_path, name, os.getpid(), 2 * 86400)  # a day old: the pid says nothing any more
+    kept = [_temp(tmp_path, name, DEAD, 5, "fresh000"),  # within the grace: maybe a writer in another PID namespace
+            _temp(tmp_path, name, os.getpid(), 3600, "alive000"),  # its writer (this process) is alive
+            _temp(tmp_path, "other.safetensors", DEAD, 120)]  # another destination's
+    users = [tmp_path / f".{name}.abcd1234.tmp", tmp_path / f".{name}.1-abcd1234{tempfiles.SUFFIX}.keep",
+             tmp_path / f"{name}.1-abcd1234{tempfiles.SUFFIX}", tmp_path / f".{name}.1-abcd12345{tempfiles.SUFFIX}"]
+    for u in users:
+        u.write_text("a user's file")
+        os.utime(u, (0, 0))
+    bake_ldm_checkpoint(tmp_path / "model.safetensors", tmp_path / name, [(spm, 1.0)])
+    assert not stale.exists() and not abandoned.exists()
+    assert all(p.exists() for p in kept + users)
+    assert tempfiles.clean_stale(tmp_path) == [kept[2]]  # what the folder listing would call
+    spm_stale = _temp(tmp_path, "x.safetensors", DEAD, 120)  # SPM saves clean their own the same way
+    spm.save(tmp_path / "x.safetensors")
+    assert not spm_stale.exists() and all(p.exists() for p in kept[:2] + users)
+
+
+@pytest.mark.skipif(__import__("os").name != "posix", reason="kill -9 is POSIX")
+def test_a_write_killed_midway_leaves_a_temporary_the_next_write_removes(tmp_path):
+    import os
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    from safetensors.torch import load_file, save_file
+
+    from lib_spm import tempfiles
+
+    code = (
+        "import sys\n"
+        "from lib_spm.checkpoint_io import Planned, write_stream\n"
+        "def stall(out):\n"
+        "    out.write(bytes(4096)); out.flush(); print('writing', flush=True); sys.stdin.read()\n"
+        "write_stream(sys.argv[1], [Planned('t', 'U8', (8192,), stall)], None)\n")
+    dst = tmp_path / "baked.safetensors"
+    child = subprocess.Popen([sys.executable, "-c", code, str(dst)], cwd=Path(__file__).resolve().parents[1],
+                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert child.stdout.readline() == "writing\n"
+    finally:
+        child.kill()
+        child.wait()
+    (left,) = [p for p in tmp_path.iterdir() if tempfiles.owner(p.name)]
+    assert tempfiles.owner(left.name) == (dst.name, child.pid) and not dst.exists()
+    assert tempfiles.clean_stale_for(dst) == []  # fresh: left for the grace period
+    os.utime(left, (time.time() - 2 * tempfiles.GRACE_S,) * 2)
+    spm, ckpt = _sd1_subset_spm()
+    save_file(ckpt, str(tmp_path / "model.safetensors"))
+    bake_ldm_checkpoint(tmp_path / "model.safetensors", dst, [(spm, 1.0)])
+    assert not left.exists() and set(load_file(str(dst))) == set(ckpt)
+
+
+def test_bake_diffusers_folder_touches_nothing_it_did_not_create(world, tmp_path):
+    import os
+
+    from spm_helpers import random_spm
+
+    model, enc, (a, b, c), x, t, ctx = world
+    src = tmp_path / "src"
+    model.save_pretrained(src / "unet", safe_serialization=True)
+    (src / "vae").mkdir()
+    (src / "vae" / "diffusion_pytorch_model.safetensors").write_bytes(b"vae weights")  # same name, other folder
+    (src / "unet" / "diffusion_pytorch_model.bin").write_bytes(b"an unbaked copy")
+    user = tmp_path / "baked.partial"  # the old temporary's name, now a user's folder
+    user.mkdir()
+    (user / "notes.txt").write_text("mine")
+    listing = sorted(str(p.relative_to(src)) for p in src.rglob("*"))
+    rep = bake_diffusers_folder(src, tmp_path / "baked", [(a, 1.0)])
+    assert (user / "notes.txt").read_text() == "mine"
+    assert (tmp_path / "baked" / "vae" / "diffusion_pytorch_model.safetensors").read_bytes() == b"vae weights"
+    assert rep["not_copied"] == ["unet/diffusion_pytorch_model.bin"]
+    assert not (tmp_path / "baked" / "unet" / "diffusion_pytorch_model.bin").exists()
+    assert sorted(os.listdir(tmp_path)) == ["baked", "baked.partial", "src"]
+    for inside in (src / "copy", src / "unet" / "copy"):  # would copy itself until ENAMETOOLONG
+        with pytest.raises(SPMValueError, match="inside the source"):
+            bake_diffusers_folder(src, inside, [(a, 1.0)])
+    huge = random_spm(model, ["x"], std=1e20)  # its delta overflows: the bake fails midway
+    with pytest.raises(SPMValueError, match="non-finite"):
+        bake_diffusers_folder(src, tmp_path / "failed", [(huge, 1.0)])
+    assert sorted(str(p.relative_to(src)) for p in src.rglob("*")) == listing
+    assert sorted(os.listdir(tmp_path)) == ["baked", "baked.partial", "src"]
+
+
+def test_merge_rank_is_capped_at_what_the_deltas_hold(world):
+    model, enc, (a, b, c), x, t, ctx = world
+    inputs = [(a, 1.0), (b, 0.5), (c, 2.0)]
+    pack, rep = merge_compressed(inputs, rank=100_000)
+    exact = merge_exact(inputs)
+    true = max(min(lw.rank, lw.down[0].numel(), lw.out_features) for lw in exact.layers.values())
+    assert rep.rank == pack.rank == true <= a.rank + b.rank + c.rank
+    assert "more than the merged deltas have" in rep.note and f"wrote rank {true}" in rep.note
+    same, rep2 = merge_compressed(inputs, rank=true)
+    assert rep2.note == ""
+    assert all(torch.equal(pack.layers[k].down, same.layers[k].down) for k in pack.layers)
+
+
+def test_bake_memory_bench_runs_on_a_tiny_checkpoint(tmp_path):
+    """The full benchmark (BENCHMARKS.md) on a slice of SD1.5: one transformer block of the UNet,
+    the non-float tensors, baked in a child process."""
+    from lib_spm.bench_bake import bench_bake_memory, checkpoint_spec
+
+    spec = [s for s in checkpoint_spec("sd1") if ".input_blocks.1." in s[0]
+            or (s[1] is not None and not s[1].is_floating_point)]
+    assert {"cond_stage_model.transformer.text_model.embeddings.position_ids", "spm_bench.bool_mask"} <= {
+        s[0] for s in spec}
+    res = bench_bake_memory("sd1", "fp16", spec=spec, workdir=str(tmp_path))
+    assert res["layers_baked"] == 12  # proj_in, attn1 x4, attn2 x4, ff x2, proj_out
+    assert res["checkpoint_gib"] == res["baked_gib"] > 0
+    assert res["peak_rss_gib"] >= res["rss_before_bake_gib"] > 0
+    assert list(tmp_path.iterdir()) == []  # its temporary folder is gone

@@ -254,6 +254,58 @@ def test_failed_attach_leaves_no_hooks():
     assert hook_counts(model) == before
 
 
+class _InterruptedLinear(nn.Linear):
+    """A Linear whose ``register_forward_hook`` is hit by Ctrl-C: before it registers anything
+    (``"before"``), after registering but before the handle reaches the caller (``"after"``), or
+    not at all (``None``)."""
+
+    when: str | None = "before"
+
+    def register_forward_hook(self, hook, **kwargs):
+        if self.when == "after":
+            super().register_forward_hook(hook, **kwargs)
+        if self.when is not None:
+            raise KeyboardInterrupt
+        return super().register_forward_hook(hook, **kwargs)
+
+
+def _interrupt_at(model: nn.Module, index: int, when: str) -> _InterruptedLinear:
+    """Swap the ``index``-th adapted Linear for an interrupted one with the same weights."""
+    from lib_spm.names import spm_layer_paths
+
+    path = [p for p in spm_layer_paths(model) if type(model.get_submodule(p)) is nn.Linear][index]
+    old = model.get_submodule(path)
+    new = _InterruptedLinear(old.in_features, old.out_features, bias=old.bias is not None)
+    new.load_state_dict(old.state_dict())
+    new.when = when
+    parent, _, name = path.rpartition(".")
+    setattr(model.get_submodule(parent), name, new)
+    return new
+
+
+@pytest.mark.parametrize("when", ["before", "after"])
+def test_interrupted_attach_leaves_nothing_acting(when):
+    """A KeyboardInterrupt between two hook registrations removes the hooks already registered;
+    one registered in the instant before its handle came back stays inert; outputs stay exact."""
+    case = CASES[0]
+    model = case.build()
+    x, t, ctx, enc = case.inputs()
+    spm = random_spm(model, ["circle"], seed=1)
+    base = case.run(model, x, t, ctx)
+    stuck = _interrupt_at(model, 3, when)  # hooks on the UNet and earlier layers exist by then
+    session = Session(model, [(spm, 1.0)], gate=GateSettings(enabled=False))
+    with pytest.raises(KeyboardInterrupt):
+        session.attach()
+    assert not session.attached
+    assert hook_counts(model) == (1 if when == "after" else 0)  # only the handle never returned
+    assert torch.equal(case.run(model, x, t, ctx), base)
+    stuck.when = None  # the same session attaches cleanly afterwards, each layer adapted once
+    with session:
+        out = case.run(model, x, t, ctx)
+    assert _close(out, case.run(merged(model, [(spm, 1.0)]), x, t, ctx))
+    assert torch.equal(case.run(model, x, t, ctx), base)
+
+
 def test_architecture_label_decides_when_the_model_is_a_known_arch():
     """An SDXL-labelled SPM on a model that reads 768-wide text (SD1) is refused by name;
     a tiny model of no known architecture is judged by shapes alone."""

@@ -216,6 +216,8 @@ def execute(host: UIHost, p: MergePlan, report: Callable[[str], None] = lambda t
         worst = max(report_.per_layer_error.values(), default=0.0)
         lines.append(f"Relative error {report_.overall_error:.4f} overall, {worst:.4f} on the worst layer. "
                      "One gate opens for any of its concepts.")
+        if report_.note:
+            lines.append(report_.note[0].upper() + report_.note[1:] + ".")
     return "\n".join(lines)
 
 
