@@ -14,14 +14,7 @@ from lib_spm import functional
 from lib_spm.hosts import webui_ext
 from lib_spm.hosts.webui_apply import SLOTS, ApplyArgs
 
-_ext: webui_ext.Extension | None = None
-
-
-def ext() -> webui_ext.Extension:
-    global _ext
-    if _ext is None:
-        _ext = webui_ext.Extension.from_webui()
-    return _ext
+ext = webui_ext.extension  # the process's one Extension, however often the WebUI runs this file
 
 
 class SPMScript(scripts.Script):
@@ -176,4 +169,4 @@ script_callbacks.on_ui_tabs(on_ui_tabs)
 script_callbacks.on_app_started(on_app_started)
 script_callbacks.on_cfg_denoiser(lambda params: ext().controller.on_cfg_denoiser(params))
 script_callbacks.on_model_loaded(lambda sd_model: ext().controller.model_changed(sd_model))
-script_callbacks.on_script_unloaded(lambda: _ext is not None and _ext.shutdown())
+script_callbacks.on_script_unloaded(webui_ext.release)

@@ -231,12 +231,20 @@ def generate(script_mod, modules, script, args, prompts, negatives=None, *, step
     return latents, p
 
 
-def api_generate(*a, **kw):
-    """``generate`` behind the WebUI API's error handling: (status, body). An exception that ends
-    the run becomes ``{"error", "detail", "body", "errors"}`` with ``vars(e)``'s ``status_code``
-    (else 500), as ``modules/api/api.py``'s ``handle_exception`` answers."""
+def api_generate(script_mod, modules, script, args, *a, **kw):
+    """``generate`` behind the WebUI API: (status, body).
+
+    The request's ``alwayson_scripts`` args are laid over the script's UI defaults as
+    ``Api.init_script_args`` does (extra args are dropped, missing ones keep their defaults), and
+    an exception that ends the run becomes ``{"error", "detail", "body", "errors"}`` with
+    ``vars(e)``'s ``status_code`` (else 500), as ``handle_exception`` answers."""
+    from lib_spm.hosts.webui_apply import ApplyArgs
+
+    d = script_mod.ext().default_args()
+    defaults = ApplyArgs(False, d["ft"], d["factor"], d["metric"]).as_args()
+    args = list(args)[: len(defaults)] + defaults[len(args):]
     try:
-        latents, p = generate(*a, **kw)
+        latents, p = generate(script_mod, modules, script, args, *a, **kw)
     except Exception as e:
         return vars(e).get("status_code", 500), {"error": type(e).__name__, "detail": vars(e).get("detail", ""),
                                                  "body": vars(e).get("body", ""), "errors": str(e)}

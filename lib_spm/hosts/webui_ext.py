@@ -11,6 +11,7 @@ import contextlib
 import html
 import importlib
 import os
+import threading
 from pathlib import Path
 
 from ..errors import SPMError
@@ -151,6 +152,29 @@ class Extension:
 
     def shutdown(self) -> None:
         self.controller.shutdown()
+
+
+# One Extension per WebUI process, made under a lock: at start-up a real v1.10.1 loads the model
+# in a thread (on_model_loaded) while the main thread runs the UI callbacks, and both asked for
+# the Extension at once; two were made, one guarding the UNet and the other attaching the
+# enforced SPMs, so every enforced generation was refused. release() runs from on_script_unloaded.
+_instance: list[Extension] = []
+_instance_lock = threading.Lock()
+
+
+def extension() -> Extension:
+    """The process's Extension, made from the WebUI's flags on first use (from any thread)."""
+    with _instance_lock:
+        if not _instance:
+            _instance.append(Extension.from_webui())
+        return _instance[0]
+
+
+def release() -> None:
+    """Detach everything and forget the Extension (scripts reloading, or tests unloading)."""
+    with _instance_lock:
+        while _instance:
+            _instance.pop().shutdown()
 
 
 def api_auth_dependency(cmd_opts):
