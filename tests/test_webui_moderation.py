@@ -331,6 +331,6 @@ def test_an_ungated_spm_is_labelled_where_it_acts(world, tmp_path):
     with webui(world, tmp_path) as w:
         random_spm(w.unet, [], seed=3, std=0.3, name="everything").save(w.folder / "everything.safetensors")
         body = ok(w, args(("everything", 1.0)))
-        assert body["info"]["SPM"] == "everything:1"
+        assert body["info"]["SPM"] == "everything:1" and body["info"]["SPM ungated"] == "everything"
         assert any("no target concepts" in c and "ungated" in c for c in body["comments"])
         assert "ungated" in w.mod.ext().describe(["everything"])

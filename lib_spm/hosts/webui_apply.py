@@ -53,8 +53,8 @@ HEAD = ("enabled", "ft", "factor", "metric")  # then (name, strength) per slot
 MAX_FACTOR = 10.0
 
 INFO_SPM, INFO_HASHES, INFO_FT = "SPM", "SPM hashes", "SPM FT"
-INFO_ENFORCED, INFO_SKIPPED = "SPM enforced", "SPM skipped"
-INFO_KEYS = (INFO_SPM, INFO_HASHES, INFO_FT, INFO_ENFORCED, INFO_SKIPPED)
+INFO_ENFORCED, INFO_SKIPPED, INFO_UNGATED = "SPM enforced", "SPM skipped", "SPM ungated"
+INFO_KEYS = (INFO_SPM, INFO_HASHES, INFO_FT, INFO_ENFORCED, INFO_SKIPPED, INFO_UNGATED)
 PREFIX = "Concept erasure (SPM): "
 
 # what a file that does not suit the loaded UNet raises when attached (skipped, not refused)
@@ -222,6 +222,7 @@ class _Generation:
     key: tuple | None = None
     attached: list[_Attached] = field(default_factory=list)
     acted: dict = field(default_factory=dict)  # name -> (strength, short hash): user SPMs that acted
+    ungated: set = field(default_factory=set)  # of those, the ones without target concepts
     enforced_acted: dict = field(default_factory=dict)
     skipped: dict = field(default_factory=dict)  # name -> why
 
@@ -564,6 +565,8 @@ class SPMController:
             params[INFO_ENFORCED] = ", ".join(f"{n}:{s:g}" for n, (s, _) in g.enforced_acted.items())
         if hashes:
             params[INFO_HASHES] = ", ".join(f"{n}: {h}" for n, (_, h) in hashes.items())
+        if g.ungated & set(g.acted):
+            params[INFO_UNGATED] = ", ".join(n for n in g.acted if n in g.ungated)
         skipped = {n: w for n, w in g.skipped.items() if n not in g.acted}
         if skipped:
             params[INFO_SKIPPED] = "; ".join(f"{n}: {w}" for n, w in skipped.items())
@@ -648,6 +651,7 @@ class SPMController:
         for c, spm in good:
             acted[c.name] = (c.strength, (spm.sha256 or "")[:10])
             if spm.ungated and gate.enabled and not enforced:
+                g.ungated.add(c.name)
                 self._note(g, f"SPM {c.name!r} has no target concepts: it acts on every prompt (ungated)")
         return good
 
