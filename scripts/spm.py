@@ -11,16 +11,16 @@ from __future__ import annotations
 from modules import extra_networks, script_callbacks, scripts, shared, ui_extra_networks
 
 from lib_spm import functional
-from lib_spm.hosts import webui_ext
-from lib_spm.hosts.webui_apply import SLOTS, ApplyArgs
+from lib_spm.hosts.webui import extension
+from lib_spm.hosts.webui.args import SLOTS, ApplyArgs
 
-_ext: webui_ext.Extension | None = None
+_ext: extension.Extension | None = None
 
 
-def ext() -> webui_ext.Extension:
+def ext() -> extension.Extension:
     global _ext
     if _ext is None:
-        _ext = webui_ext.Extension.from_webui()
+        _ext = extension.Extension.from_webui()
     return _ext
 
 
@@ -77,7 +77,7 @@ class SPMScript(scripts.Script):
         return components
 
     # The WebUI swallows what these raise; the controller turns refusals into an error raised
-    # inside the UNet call instead (lib_spm/hosts/webui_apply.py).
+    # inside the UNet call instead (lib_spm/hosts/webui/controller.py).
     def before_process(self, p, *args):
         ext().controller.begin(p, args)
 
@@ -93,7 +93,7 @@ class SPMScript(scripts.Script):
 
 class ExtraNetworkSPM(extra_networks.ExtraNetwork):
     def __init__(self):
-        super().__init__(webui_ext.TAG)
+        super().__init__(extension.TAG)
 
     def activate(self, p, params_list):
         default = float(getattr(shared.opts, "extra_networks_default_multiplier", 1.0))
@@ -149,7 +149,7 @@ def _add_xyz_axes():
 def on_ui_settings():
     import gradio as gr
 
-    section = webui_ext.SECTION
+    section = extension.SECTION
     shared.opts.add_option("spm_ft_default", shared.OptionInfo(
         True, "Facilitated Transport on by default", section=section))
     shared.opts.add_option("spm_ft_factor", shared.OptionInfo(
@@ -159,14 +159,14 @@ def on_ui_settings():
 
 
 def on_ui_tabs():
-    from lib_spm.hosts.webui_tab import WebUIHost
+    from lib_spm.hosts.webui.tab import WebUIHost
     from lib_spm.ui.tab import build_tab
 
     return [(build_tab(WebUIHost(ext()), read_only=ext().read_only), "SPM", "spm")]
 
 
 def on_app_started(demo, app):
-    deps = webui_ext.api_auth_dependency(shared.cmd_opts)
+    deps = extension.api_auth_dependency(shared.cmd_opts)
     app.add_api_route("/spm/v1/models", lambda: ext().api_list(), methods=["GET"], dependencies=deps)
 
 

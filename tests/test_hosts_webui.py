@@ -16,9 +16,8 @@ import torch
 
 from lib_spm import GateSettings, Session, SPMRuntimeError, SPMShapeError
 from lib_spm import functional
-from lib_spm.hosts.webui import (
-    CHUNK, PromptTokens, RowTexts, WebUIConcepts, WebUIRows, call_plans, conditioning_of, unet_of,
-)
+from lib_spm.hosts.webui.model import conditioning_of, unet_of
+from lib_spm.hosts.webui.rows import CHUNK, PromptTokens, RowTexts, WebUIConcepts, WebUIRows, call_plans
 from models import CTX, ToyEncoder, ldm_tree
 from spm_helpers import random_spm
 

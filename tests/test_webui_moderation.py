@@ -17,7 +17,7 @@ import torch
 
 import miniwebui
 from lib_spm.errors import SPMError
-from lib_spm.hosts.webui_apply import ApplyArgs, Choice
+from lib_spm.hosts.webui.args import ApplyArgs, Choice
 from lib_spm.moderation import Policy, opposition
 from lib_spm.spm_file import LayerWeights
 from lib_spm.world.model import load_world
