@@ -147,16 +147,14 @@ def _world_eval(args) -> int:
 
 
 def _weighted(specs: list[str]):
-    from .errors import SPMValueError
+    """``path[:weight]`` per input; a path ending in .safetensors is whole (Windows drive colons)."""
     from .spm_file import load_spm
+    from .values import name_weight
 
     out = []
     for spec in specs:
-        path, sep, w = spec.rpartition(":") if spec.count(":") and not spec.endswith(".safetensors") else (spec, "", "")
-        try:
-            out.append((load_spm(path if sep else spec), float(w) if sep else 1.0))
-        except ValueError:
-            raise SPMValueError(f"weight in {spec!r} is not a number") from None
+        path, w = (spec, None) if spec.endswith(".safetensors") else name_weight(spec)
+        out.append((load_spm(path), 1.0 if w is None else w))
     return out
 
 

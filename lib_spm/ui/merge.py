@@ -8,6 +8,7 @@ as one line of text.
 
 from __future__ import annotations
 
+import math
 import queue
 import threading
 import time
@@ -17,6 +18,7 @@ from typing import Callable, Iterator
 
 from ..errors import SPMError, SPMValueError
 from ..library import check_name, human_size
+from ..values import name_weight, number, split_list
 from .host import UIHost
 
 EXACT = "Exact (every SPM keeps its own gate)"
@@ -76,27 +78,16 @@ def parse_weights(text: str | None, names: list[str]) -> list[tuple[str, float]]
     """
     given: dict[str, float] = {}
     positional: list[float] = []
-    for line in (text or "").splitlines():
-        for part in line.split(","):
-            part = part.strip()
-            if not part:
-                continue
-            name, sep, value = part.rpartition(":")
-            name = name.strip()
-            if sep and name not in names:
-                raise SPMValueError(f"weight given for {name!r}, which is not among the selected SPMs")
-            try:
-                w = float(value)
-            except ValueError:
-                raise SPMValueError(f"weight {value.strip()!r} in {part!r} is not a number") from None
-            if w != w or abs(w) == float("inf"):
-                raise SPMValueError(f"weight in {part!r} is not a finite number")
-            if not sep:
-                positional.append(w)
-            elif name in given:
-                raise SPMValueError(f"{name!r} has two weights")
-            else:
-                given[name] = w
+    for part in split_list(text or ""):
+        name, w = name_weight(part)
+        if w is None:
+            positional.append(number(part, f"weight {part!r}", -math.inf, math.inf))
+        elif name not in names:
+            raise SPMValueError(f"weight given for {name!r}, which is not among the selected SPMs")
+        elif name in given:
+            raise SPMValueError(f"{name!r} has two weights")
+        else:
+            given[name] = w
     rest = [n for n in names if n not in given]
     if len(positional) > len(rest):
         raise SPMValueError(f"{len(positional)} plain weights for {len(rest)} SPMs without a named weight")
