@@ -9,7 +9,7 @@ import sys
 
 def inspect_info(path) -> dict:
     """What ``inspect --json`` prints: JSON-ready values only (strings, numbers, lists, dicts)."""
-    from .compat import webui_lora_check
+    from .lora_check import webui_lora_check
     from .spm_file import load_spm
 
     spm = load_spm(path)
@@ -210,7 +210,7 @@ def _ui(args) -> int:
               ".venv-ui/bin/python -m lib_spm ui ...", file=sys.stderr)
         return 2
 
-    from .ui import compat
+    from .ui import gradio_compat
     from .ui.local import LocalHost
     from .ui.tab import build_tab
 
@@ -219,7 +219,7 @@ def _ui(args) -> int:
     system = ["ui-sans-serif", "system-ui", "sans-serif"]  # no web fonts: the server works offline
     theme = gr.themes.Default(font=system, font_mono=["ui-monospace", "monospace"])
     demo = build_tab(host, title="SPM (shapes world)", theme=theme)
-    demo.queue(**compat.queue_kwargs(4)).launch(server_name=args.host, server_port=args.port, show_api=False)
+    demo.queue(**gradio_compat.queue_kwargs(4)).launch(server_name=args.host, server_port=args.port, show_api=False)
     return 0
 
 

@@ -260,7 +260,7 @@ def build(host: UIHost, changed) -> None:
     Textbox whose value changes whenever any panel changed the SPM folder."""
     import gradio as gr
 
-    from . import compat
+    from . import gradio_compat
 
     with gr.Row():
         with gr.Column():
@@ -284,17 +284,17 @@ def build(host: UIHost, changed) -> None:
 
     def on_method(m):
         r, b, c = options_visible(m)
-        return compat.update(visible=r), compat.update(visible=b), compat.update(visible=c)
+        return gradio_compat.update(visible=r), gradio_compat.update(visible=b), gradio_compat.update(visible=c)
 
     def on_changed(selected, chosen):
         choices, kept = refreshed(host, selected)
         ckpts = checkpoint_choices(host)
-        return (compat.update(choices=choices, value=kept),
-                compat.update(choices=ckpts, value=chosen if chosen in ckpts else (ckpts[0] if ckpts else None)))
+        return (gradio_compat.update(choices=choices, value=kept),
+                gradio_compat.update(choices=ckpts, value=chosen if chosen in ckpts else (ckpts[0] if ckpts else None)))
 
     def on_run(*args):
         for text, token in run(host, *args):
-            yield text, (token if token is not None else compat.update())
+            yield text, (token if token is not None else gradio_compat.update())
 
     method.change(on_method, inputs=[method], outputs=[rank, budget, checkpoint])
     changed.change(on_changed, inputs=[inputs, checkpoint], outputs=[inputs, checkpoint])

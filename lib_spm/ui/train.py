@@ -313,7 +313,7 @@ def build(host: UIHost, changed) -> dict:
     Textbox, set to a new token whenever a run ends (files were written)."""
     import gradio as gr
 
-    from .compat import update
+    from .gradio_compat import update
 
     panel = TrainPanel(host, getattr(host, "jobs", None))
     first = next(iter(PRESETS))
