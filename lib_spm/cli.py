@@ -9,7 +9,7 @@ import sys
 
 def inspect_info(path) -> dict:
     """What ``inspect --json`` prints: JSON-ready values only (strings, numbers, lists, dicts)."""
-    from .compat import webui_lora_check
+    from .lora_check import webui_lora_check
     from .spm_file import load_spm
 
     spm = load_spm(path)
@@ -156,16 +156,14 @@ def _world_eval(args) -> int:
 
 
 def _weighted(specs: list[str]):
-    from .errors import SPMValueError
+    """``path[:weight]`` per input; a path ending in .safetensors is whole (Windows drive colons)."""
     from .spm_file import load_spm
+    from .values import name_weight
 
     out = []
     for spec in specs:
-        path, sep, w = spec.rpartition(":") if spec.count(":") and not spec.endswith(".safetensors") else (spec, "", "")
-        try:
-            out.append((load_spm(path if sep else spec), float(w) if sep else 1.0))
-        except ValueError:
-            raise SPMValueError(f"weight in {spec!r} is not a number") from None
+        path, w = (spec, None) if spec.endswith(".safetensors") else name_weight(spec)
+        out.append((load_spm(path), 1.0 if w is None else w))
     return out
 
 
@@ -223,7 +221,7 @@ def _ui(args) -> int:
               ".venv-ui/bin/python -m lib_spm ui ...", file=sys.stderr)
         return 2
 
-    from .ui import compat
+    from .ui import gradio_compat
     from .ui.local import LocalHost
     from .ui.tab import build_tab
 
@@ -232,7 +230,7 @@ def _ui(args) -> int:
     system = ["ui-sans-serif", "system-ui", "sans-serif"]  # no web fonts: the server works offline
     theme = gr.themes.Default(font=system, font_mono=["ui-monospace", "monospace"])
     demo = build_tab(host, title="SPM (shapes world)", theme=theme)
-    demo.queue(**compat.queue_kwargs(4)).launch(server_name=args.host, server_port=args.port, show_api=False)
+    demo.queue(**gradio_compat.queue_kwargs(4)).launch(server_name=args.host, server_port=args.port, show_api=False)
     return 0
 
 

@@ -31,7 +31,7 @@ _PARTS = {
 }
 _STEM_PREFIXES = ("lora_unet_", "diffusion_model_")
 
-# The strength range the UI and prompt tags allow (lib_spm/hosts/webui_apply.py enforces it).
+# The strength range the UI and prompt tags allow (lib_spm/hosts/webui/args.py enforces it).
 MAX_STRENGTH = 10.0
 # Deltas are applied in the model's dtype, often fp16: its largest finite value.
 FP16_MAX = float(torch.finfo(torch.float16).max)

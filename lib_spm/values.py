@@ -20,8 +20,18 @@ def number(value, what: str, lo: float, hi: float) -> float:
     except (ValueError, OverflowError):
         raise SPMValueError(f"{what} must be a number, not {value!r}") from None
     if not math.isfinite(x) or not lo <= x <= hi:
-        raise SPMValueError(f"{what} must be between {lo:g} and {hi:g}, not {value!r}")
+        raise SPMValueError(f"{what} must be {_range(lo, hi)}, not {value!r}")
     return x
+
+
+def _range(lo: float, hi: float) -> str:
+    if math.isinf(lo) and math.isinf(hi):
+        return "a finite number"
+    if math.isinf(hi):
+        return f"at least {lo:g}"
+    if math.isinf(lo):
+        return f"at most {hi:g}"
+    return f"between {lo:g} and {hi:g}"
 
 
 def flag(value, what: str) -> bool:
@@ -40,17 +50,25 @@ def split_list(text: str) -> list[str]:
     return [p.strip() for line in text.splitlines() for p in line.split(",") if p.strip()]
 
 
+def name_weight(part: str, *, what: str = "weight", lo: float = -math.inf,
+                hi: float = math.inf) -> tuple[str, float | None]:
+    """``"name:0.5"`` -> ``("name", 0.5)``: the weight is what follows the last colon (so a name
+    may hold colons, a weight not), checked by :func:`number`. Without a colon: ``(part, None)``,
+    which each caller reads its own way (a name at the default weight, a weight, a path)."""
+    name, sep, value = part.strip().rpartition(":")
+    if not sep:
+        return part.strip(), None
+    name = name.strip()
+    if not name:
+        raise SPMValueError(f"{part!r} has no name before its {what}")
+    return name, number(value.strip(), f"{what} of {name!r}", lo, hi)
+
+
 def parse_name_weights(text: str, *, what: str = "weight", lo: float = -math.inf, hi: float = math.inf,
                        default: float = 1.0) -> list[tuple[str, float]]:
-    """``"a:1, b:0.5, c"`` -> ``[("a", 1.0), ("b", 0.5), ("c", default)]``; the weight is what
-    follows the last colon, so names may not hold one."""
+    """``"a:1, b:0.5, c"`` -> ``[("a", 1.0), ("b", 0.5), ("c", default)]`` (see :func:`name_weight`)."""
     out = []
     for part in split_list(text):
-        name, sep, value = part.rpartition(":")
-        if not sep:
-            name, value = part, default
-        name = name.strip()
-        if not name:
-            raise SPMValueError(f"{part!r} has no name before its {what}")
-        out.append((name, number(value.strip() if isinstance(value, str) else value, f"{what} of {name!r}", lo, hi)))
+        name, weight = name_weight(part, what=what, lo=lo, hi=hi)
+        out.append((name, number(default, f"{what} of {name!r}", lo, hi) if weight is None else weight))
     return out

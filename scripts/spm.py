@@ -11,10 +11,10 @@ from __future__ import annotations
 from modules import extra_networks, script_callbacks, scripts, shared, ui_extra_networks
 
 from lib_spm import functional
-from lib_spm.hosts import webui_ext
-from lib_spm.hosts.webui_apply import SLOTS, ApplyArgs
+from lib_spm.hosts.webui import extension
+from lib_spm.hosts.webui.args import SLOTS, ApplyArgs
 
-ext = webui_ext.extension  # the process's one Extension, however often the WebUI runs this file
+ext = extension.extension  # the process's one Extension, however often the WebUI runs this file
 
 
 class SPMScript(scripts.Script):
@@ -70,7 +70,7 @@ class SPMScript(scripts.Script):
         return components
 
     # The WebUI swallows what these raise; the controller turns refusals into an error raised
-    # inside the UNet call instead (lib_spm/hosts/webui_apply.py).
+    # inside the UNet call instead (lib_spm/hosts/webui/controller.py).
     def before_process(self, p, *args):
         ext().controller.begin(p, args)
 
@@ -86,7 +86,7 @@ class SPMScript(scripts.Script):
 
 class ExtraNetworkSPM(extra_networks.ExtraNetwork):
     def __init__(self):
-        super().__init__(webui_ext.TAG)
+        super().__init__(extension.TAG)
 
     def activate(self, p, params_list):
         default = float(getattr(shared.opts, "extra_networks_default_multiplier", 1.0))
@@ -142,7 +142,7 @@ def _add_xyz_axes():
 def on_ui_settings():
     import gradio as gr
 
-    section = webui_ext.SECTION
+    section = extension.SECTION
     shared.opts.add_option("spm_ft_default", shared.OptionInfo(
         True, "Facilitated Transport on by default", section=section))
     shared.opts.add_option("spm_ft_factor", shared.OptionInfo(
@@ -152,14 +152,14 @@ def on_ui_settings():
 
 
 def on_ui_tabs():
-    from lib_spm.hosts.webui_tab import WebUIHost
+    from lib_spm.hosts.webui.tab import WebUIHost
     from lib_spm.ui.tab import build_tab
 
     return [(build_tab(WebUIHost(ext()), read_only=ext().read_only), "SPM", "spm")]
 
 
 def on_app_started(demo, app):
-    deps = webui_ext.api_auth_dependency(shared.cmd_opts)
+    deps = extension.api_auth_dependency(shared.cmd_opts)
     app.add_api_route("/spm/v1/models", lambda: ext().api_list(), methods=["GET"], dependencies=deps)
 
 
@@ -169,4 +169,4 @@ script_callbacks.on_ui_tabs(on_ui_tabs)
 script_callbacks.on_app_started(on_app_started)
 script_callbacks.on_cfg_denoiser(lambda params: ext().controller.on_cfg_denoiser(params))
 script_callbacks.on_model_loaded(lambda sd_model: ext().controller.model_changed(sd_model))
-script_callbacks.on_script_unloaded(webui_ext.release)
+script_callbacks.on_script_unloaded(extension.release)

@@ -238,7 +238,7 @@ def api_generate(script_mod, modules, script, args, *a, **kw):
     ``Api.init_script_args`` does (extra args are dropped, missing ones keep their defaults), and
     an exception that ends the run becomes ``{"error", "detail", "body", "errors"}`` with
     ``vars(e)``'s ``status_code`` (else 500), as ``handle_exception`` answers."""
-    from lib_spm.hosts.webui_apply import ApplyArgs
+    from lib_spm.hosts.webui.args import ApplyArgs
 
     d = script_mod.ext().default_args()
     defaults = ApplyArgs(False, d["ft"], d["factor"], d["metric"]).as_args()

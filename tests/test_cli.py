@@ -172,7 +172,7 @@ def test_merge_extract_commands(tmp_path, capsys):
     assert main(["extract", str(tmp_path / "p.safetensors"), "b", str(tmp_path / "x.safetensors")]) == 0
     assert load_spm(tmp_path / "x.safetensors").rank == 2
     assert main(["merge", str(tmp_path / "q.safetensors"), a + ":abc"]) == 2
-    assert "not a number" in capsys.readouterr().err
+    assert "must be a number" in capsys.readouterr().err
 
 
 def test_merge_rank_is_capped_at_the_true_rank_with_a_note(tmp_path, capsys):

@@ -16,9 +16,8 @@ import torch
 
 from lib_spm import GateSettings, Session, SPMRuntimeError, SPMShapeError
 from lib_spm import functional
-from lib_spm.hosts.webui import (
-    CHUNK, PromptTokens, RowTexts, WebUIConcepts, WebUIRows, call_plans, conditioning_of, unet_of,
-)
+from lib_spm.hosts.webui.model import conditioning_of, unet_of
+from lib_spm.hosts.webui.rows import CHUNK, PromptTokens, RowTexts, WebUIConcepts, WebUIRows, call_plans
 from models import CTX, ToyEncoder, ldm_tree
 from spm_helpers import random_spm
 
@@ -38,7 +37,7 @@ def _stub_parser():
     return module
 
 
-FakeParser = _stub_parser()  # AND with :weight, [a:b:N] (integer N)
+FakeParser = _stub_parser()  # AND with :weight, [a:b:N] (N a step or a fraction of the steps)
 
 
 class FakeCLIP:
@@ -215,6 +214,30 @@ def test_prompt_editing_switches_after_its_step():
         ["a cat", " red"], ["a cat", " red"], ["a dog", " red"], ["a dog", " red"], ["a dog", " blue"],
         ["a dog", " blue"]]
     assert texts.cond(11) == ["a cat", " red"]  # past the last entry the WebUI falls back to the first
+
+
+
+# (prompt, base steps, hires steps, old scheduling) -> schedule, as v1.10.1's lark parser gives it
+# (each case checked against that parser; the stand-in is written anew without lark)
+@pytest.mark.parametrize("prompt,base,hires,old,schedule", [
+    ("a [b:c:3] d", 10, None, False, [[3, "a b d"], [10, "a c d"]]),
+    ("a [b:c:0.25] d", 10, None, False, [[2, "a b d"], [10, "a c d"]]),  # a fraction of the steps, truncated
+    ("a [b:c: .5 ] d", 10, None, False, [[5, "a b d"], [10, "a c d"]]),
+    ("a [b:c:3.0] d", 10, None, False, [[10, "a b d"]]),  # a decimal point makes it a fraction: 300%
+    ("a [b:c:1.5] d", 10, 20, False, [[10, "a b d"], [20, "a c d"]]),  # hires: fractions count from 1.0
+    ("a [b:c:12] d", 10, 20, False, [[2, "a b d"], [20, "a c d"]]),  # ... and steps from the first pass's
+    ("a [b:c:0.5] d", 10, 20, False, [[20, "a c d"]]),  # switched during the first pass
+    ("a [b:c:0.5] d", 10, 20, True, [[5, "a b d"], [10, "a c d"]]),  # old scheduling: no hires counting
+    ("a [b:c:4] d", 10, 20, True, [[4, "a b d"], [10, "a c d"]]),
+    ("[b:c:0.7] [d:e:4]", 10, None, False, [[4, "b d"], [7, "b e"], [10, "c e"]]),
+])
+def test_stand_in_parser_schedules_fractions_like_the_webui(prompt, base, hires, old, schedule):
+    assert FakeParser.get_learned_conditioning_prompt_schedules([prompt], base, hires, old) == [schedule]
+
+
+def test_prompt_editing_at_a_fraction_of_the_steps():
+    texts = RowTexts(["a [cat:dog:0.3]"], ["[x:y:0.5]"], 10, parser=FakeParser)
+    assert [texts.rows(s) for s in (3, 4, 5, 6)] == [["a cat", "x"], ["a dog", "x"], ["a dog", "x"], ["a dog", "y"]]
 
 
 def test_call_plans():

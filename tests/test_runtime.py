@@ -332,11 +332,13 @@ def test_runtime_errors_are_loud():
     with Session(model, [(a, 1.0)], encoder=enc, row_tokens=lambda n: [None] * (n + 1)):
         with pytest.raises(SPMRuntimeError, match="rows"):
             case.run(model, x, t, ctx)
-    layer_path = next(iter(a.layers))
     with Session(model, [(a, 1.0)], encoder=enc) as s:
-        module = next(iter(s._layers.values())).module
+        module = model.get_submodule(s.layer_paths[0])
+        assert isinstance(module, torch.nn.Linear)
+        h = torch.randn(1, 3, module.in_features)
         with pytest.raises(SPMRuntimeError, match="outside"):
-            module(torch.randn(1, 3, module.in_features))
+            module(h)
+    # detached, the same layer runs again as the plain layer it was
+    assert torch.equal(module(h), torch.nn.functional.linear(h, module.weight, module.bias))
     with pytest.raises(Exception, match="encoder"):
         Session(model, [(a, 1.0)])  # gating on but nothing to encode concepts with
-    assert layer_path

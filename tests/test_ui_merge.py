@@ -76,7 +76,7 @@ def test_weights_by_name_by_position_and_default():
     assert panel.parse_weights("b: 0.5\nsub/c: -1", names) == [("a", 1.0), ("b", 0.5), ("sub/c", -1.0)]
     assert panel.parse_weights("0.2, 0.3", names) == [("a", 0.2), ("b", 0.3), ("sub/c", 1.0)]
     assert panel.parse_weights("a: 2, 0.3", names) == [("a", 2.0), ("b", 0.3), ("sub/c", 1.0)]
-    for bad, why in [("x: 1", "not among"), ("a: one", "not a number"), ("a: nan", "finite"),
+    for bad, why in [("x: 1", "not among"), ("a: one", "must be a number"), ("a: nan", "finite"),
                      ("a: 1, a: 2", "two weights"), ("1, 2, 3, 4", "plain weights")]:
         with pytest.raises(SPMValueError, match=why):
             panel.parse_weights(bad, names)
@@ -116,7 +116,7 @@ def test_compressed_to_rank_and_budget_report_the_error(host):
     (([], "", panel.EXACT, 4, 0.05, None, "x"), "select at least one"),
     ((["a"], "", panel.EXACT, 4, 0.05, None, "x"), "at least two"),
     ((["a", "zzz"], "", panel.EXACT, 4, 0.05, None, "x"), "no SPM named 'zzz'"),
-    ((["a", "b"], "a: x", panel.EXACT, 4, 0.05, None, "x"), "not a number"),
+    ((["a", "b"], "a: x", panel.EXACT, 4, 0.05, None, "x"), "must be a number"),
     ((["a", "b"], "", panel.EXACT, 4, 0.05, None, "../x"), r"'\.\.' part"),
     ((["a", "b"], "", panel.EXACT, 4, 0.05, None, "a"), "already exists"),
     ((["a", "b"], "", panel.RANK, 0, 0.05, None, "x"), "rank must be"),

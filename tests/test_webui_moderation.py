@@ -17,7 +17,7 @@ import torch
 
 import miniwebui
 from lib_spm.errors import SPMError
-from lib_spm.hosts.webui_apply import ApplyArgs, Choice
+from lib_spm.hosts.webui.args import ApplyArgs, Choice
 from lib_spm.moderation import Policy, opposition
 from lib_spm.spm_file import LayerWeights
 from lib_spm.world.model import load_world
@@ -307,7 +307,7 @@ def test_one_extension_per_process_even_when_threads_race_for_it(world, tmp_path
     import threading
     import time
 
-    from lib_spm.hosts import webui_ext
+    from lib_spm.hosts.webui import extension as webui_ext
 
     with webui(world, tmp_path, spm_enforce="circle:1") as w:
         webui_ext.release()

@@ -18,7 +18,7 @@ import torch
 
 import miniwebui
 from lib_spm import GateSettings, Session, SPMValueError
-from lib_spm.hosts.webui_apply import SLOTS, ApplyArgs, Choice
+from lib_spm.hosts.webui.args import SLOTS, ApplyArgs, Choice
 from lib_spm.world.model import load_world
 from spm_helpers import hook_counts, random_spm
 

@@ -15,7 +15,8 @@ import torch
 from diffusers import DDPMScheduler, UNet2DConditionModel
 
 from lib_spm import SPMRuntimeError, SPMValueError, load_spm
-from lib_spm.hosts.webui_train import WebUIBackend, model_kind
+from lib_spm.hosts.webui.model import model_kind
+from lib_spm.hosts.webui.trainer import WebUIBackend
 from lib_spm.trainer import Conditioning, DiffusersBackend, TrainConfig, train_spm
 from models import CTX, ToyEncoder, tiny_sd1, tiny_sdxl
 from spm_helpers import hook_counts
@@ -39,7 +40,7 @@ def ldm_calling(unet: UNet2DConditionModel) -> LdmCalling:
 
 
 class FakeSDModel:
-    """``shared.sd_model`` as far as training reads it (see lib_spm/hosts/webui_train.py)."""
+    """``shared.sd_model`` as far as training reads it (see lib_spm/hosts/webui/trainer.py)."""
 
     def __init__(self, unet, *, sdxl: bool = False, v: bool = False):
         self.model = SimpleNamespace(diffusion_model=unet)

@@ -15,7 +15,7 @@ import torch
 from lib_spm import GateSettings, load_spm
 from lib_spm.world import data
 from lib_spm.world.model import WorldTextEncoder, decode_latent, encode_image, load_world
-from lib_spm.world.pipeline import WorldPipeline, prompt_labels
+from lib_spm.world.pipeline import WorldPipeline, accuracy, eval_prompts, prompt_labels
 
 
 def test_captions_and_vocabulary():
@@ -62,6 +62,21 @@ def test_shipped_world_loads_with_its_record(pipe):
     assert info["steps"] > 0
     assert info["eval"]["shape_accuracy"] >= 0.9 and info["eval"]["colour_accuracy"] >= 0.95  # as recorded
     assert pipe.world.classifier.training is False
+
+
+def test_the_record_is_its_per_prompt_results_and_a_sample_reproduces(pipe):
+    ev = pipe.world.info["eval"]
+    per = ev["per_prompt"]
+    assert list(per) == eval_prompts()  # every prompt the world is judged on, in the order it was run
+    for key in ("shape", "colour"):
+        assert ev[f"{key}_accuracy"] == round(sum(r[key] for r in per.values()) / len(per), 4)
+    # Image i's noise depends only on (seed, i): the first m samples of the first prompt are the
+    # recorded run's first m, so the record bounds how many of them may miss.
+    first, n, m = eval_prompts()[0], ev["samples_per_prompt"], 4
+    got = accuracy(pipe, [first], n=m, seed=ev["seed"], steps=ev["sampling_steps"], cfg=ev["cfg"])[first]
+    for key in ("shape", "colour"):
+        missed = round((1 - per[first][key]) * n)
+        assert got[key] >= 1 - missed / m, (key, got, per[first])
 
 
 def test_rows_are_gated_by_their_own_prompts_in_the_world(pipe, tmp_path):

@@ -1,6 +1,6 @@
 """What the SPM tab needs from whatever runs it: the WebUI, or a standalone server on the shapes world.
 
-The panels never import the WebUI; ``lib_spm.hosts.webui_tab`` implements this protocol for
+The panels never import the WebUI; ``lib_spm.hosts.webui.tab`` implements this protocol for
 AUTOMATIC1111 and ``lib_spm.ui.local`` for a local model (the browser test serves the shapes world
 through it).
 """

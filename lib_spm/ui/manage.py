@@ -195,7 +195,7 @@ def build(host: UIHost, changed, *, read_only: bool = False) -> dict:
     listing and details only; no control (and so no event handler a client could call) writes."""
     import gradio as gr
 
-    from .compat import js, update
+    from .gradio_compat import js, update
 
     def token(outcome: Outcome):
         return str(time.time_ns()) if outcome.ok else update()

@@ -8,6 +8,7 @@ as one line of text.
 
 from __future__ import annotations
 
+import math
 import queue
 import threading
 import time
@@ -17,6 +18,7 @@ from typing import Callable, Iterator
 
 from ..errors import SPMError, SPMValueError
 from ..library import check_name, human_size
+from ..values import name_weight, number, split_list
 from .host import UIHost
 
 EXACT = "Exact (every SPM keeps its own gate)"
@@ -76,27 +78,16 @@ def parse_weights(text: str | None, names: list[str]) -> list[tuple[str, float]]
     """
     given: dict[str, float] = {}
     positional: list[float] = []
-    for line in (text or "").splitlines():
-        for part in line.split(","):
-            part = part.strip()
-            if not part:
-                continue
-            name, sep, value = part.rpartition(":")
-            name = name.strip()
-            if sep and name not in names:
-                raise SPMValueError(f"weight given for {name!r}, which is not among the selected SPMs")
-            try:
-                w = float(value)
-            except ValueError:
-                raise SPMValueError(f"weight {value.strip()!r} in {part!r} is not a number") from None
-            if w != w or abs(w) == float("inf"):
-                raise SPMValueError(f"weight in {part!r} is not a finite number")
-            if not sep:
-                positional.append(w)
-            elif name in given:
-                raise SPMValueError(f"{name!r} has two weights")
-            else:
-                given[name] = w
+    for part in split_list(text or ""):
+        name, w = name_weight(part)
+        if w is None:
+            positional.append(number(part, f"weight {part!r}", -math.inf, math.inf))
+        elif name not in names:
+            raise SPMValueError(f"weight given for {name!r}, which is not among the selected SPMs")
+        elif name in given:
+            raise SPMValueError(f"{name!r} has two weights")
+        else:
+            given[name] = w
     rest = [n for n in names if n not in given]
     if len(positional) > len(rest):
         raise SPMValueError(f"{len(positional)} plain weights for {len(rest)} SPMs without a named weight")
@@ -271,7 +262,7 @@ def build(host: UIHost, changed) -> None:
     Textbox whose value changes whenever any panel changed the SPM folder."""
     import gradio as gr
 
-    from . import compat
+    from . import gradio_compat
 
     with gr.Row():
         with gr.Column():
@@ -295,17 +286,17 @@ def build(host: UIHost, changed) -> None:
 
     def on_method(m):
         r, b, c = options_visible(m)
-        return compat.update(visible=r), compat.update(visible=b), compat.update(visible=c)
+        return gradio_compat.update(visible=r), gradio_compat.update(visible=b), gradio_compat.update(visible=c)
 
     def on_changed(selected, chosen):
         choices, kept = refreshed(host, selected)
         ckpts = checkpoint_choices(host)
-        return (compat.update(choices=choices, value=kept),
-                compat.update(choices=ckpts, value=chosen if chosen in ckpts else (ckpts[0] if ckpts else None)))
+        return (gradio_compat.update(choices=choices, value=kept),
+                gradio_compat.update(choices=ckpts, value=chosen if chosen in ckpts else (ckpts[0] if ckpts else None)))
 
     def on_run(*args):
         for text, token in run(host, *args):
-            yield text, (token if token is not None else compat.update())
+            yield text, (token if token is not None else gradio_compat.update())
 
     method.change(on_method, inputs=[method], outputs=[rank, budget, checkpoint])
     changed.change(on_changed, inputs=[inputs, checkpoint], outputs=[inputs, checkpoint])

@@ -12,6 +12,7 @@ Handlers are plain methods tested without gradio; ``build`` lays the components 
 from __future__ import annotations
 
 import html
+import math
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -21,6 +22,7 @@ from ..errors import SPMError, SPMValueError
 from ..jobs import JobRunner, JobSnapshot, PreviewSettings, TrainJob
 from ..presets import PRESETS, apply_preset
 from ..trainer import TrainConfig, read_checkpoint, resume_differences
+from ..values import number
 
 if TYPE_CHECKING:
     from .host import UIHost
@@ -78,18 +80,11 @@ def surrogates_text(targets: list[str], surrogates: dict[str, str]) -> str:
 
 
 def _number(value, label: str, *, integer: bool = False, minimum: float | None = None) -> float | int:
-    try:
-        x = float(value)
-    except (TypeError, ValueError):
-        raise SPMValueError(f"{label} must be a number, not {value!r}") from None
-    if x != x or x in (float("inf"), float("-inf")):
-        raise SPMValueError(f"{label} must be a finite number")
+    x = number(value, label, -math.inf if minimum is None else minimum, math.inf)
     if integer:
         if x != int(x):
             raise SPMValueError(f"{label} must be a whole number, not {value}")
         x = int(x)
-    if minimum is not None and x < minimum:
-        raise SPMValueError(f"{label} must be at least {minimum:g}, not {x:g}")
     return x
 
 
@@ -318,7 +313,7 @@ def build(host: UIHost, changed) -> dict:
     Textbox, set to a new token whenever a run ends (files were written)."""
     import gradio as gr
 
-    from .compat import update
+    from .gradio_compat import update
 
     panel = TrainPanel(host, getattr(host, "jobs", None))
     first = next(iter(PRESETS))

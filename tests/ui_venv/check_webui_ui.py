@@ -12,7 +12,7 @@ sys.path[:0] = [str(TESTS.parent), str(TESTS)]
 import gradio as gr  # noqa: E402
 
 import miniwebui  # noqa: E402
-from lib_spm.hosts.webui_apply import SLOTS, ApplyArgs, Choice  # noqa: E402
+from lib_spm.hosts.webui.args import SLOTS, ApplyArgs, Choice  # noqa: E402
 from lib_spm.world.model import load_world  # noqa: E402
 from spm_helpers import random_spm  # noqa: E402
 

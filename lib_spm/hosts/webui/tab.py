@@ -3,16 +3,11 @@
 from __future__ import annotations
 
 import contextlib
-import importlib
 from pathlib import Path
 
-from ..errors import SPMRuntimeError
-from .webui_apply import model_arch
-from .webui_ext import Extension
-
-
-def _webui(name: str):
-    return importlib.import_module(f"modules.{name}")
+from ...errors import SPMRuntimeError
+from .extension import Extension
+from .model import model_arch
 
 
 class WebUIHost:
@@ -44,7 +39,7 @@ class WebUIHost:
             return None
 
     def backend(self, resolution: int):
-        from .webui_train import WebUIBackend
+        from .trainer import WebUIBackend
 
         if self.ext.read_only:
             raise SPMRuntimeError(self.ext.read_only)
@@ -56,7 +51,7 @@ class WebUIHost:
         """The WebUI's queue lock (no generation runs meanwhile) and progress bar; the controller
         drops what a generation left on the model and lets this job's UNet calls through."""
         state = self._shared.state
-        with _webui("call_queue").queue_lock, self.ext.controller.trusted():
+        with self.ext.webui.module("call_queue").queue_lock, self.ext.controller.trusted():
             state.begin(job=title)
             try:
                 yield
@@ -75,7 +70,7 @@ class WebUIHost:
         state.textinfo = text
 
     def checkpoints(self) -> dict[str, Path]:
-        sd_models = _webui("sd_models")
+        sd_models = self.ext.webui.module("sd_models")
         return {title: Path(info.filename) for title, info in sd_models.checkpoints_list.items()
                 if str(info.filename).endswith(".safetensors")}
 
@@ -86,4 +81,4 @@ class WebUIHost:
 
     def checkpoint_dir(self) -> Path:
         ckpt_dir = getattr(self._shared.cmd_opts, "ckpt_dir", None)
-        return Path(ckpt_dir) if ckpt_dir else Path(_webui("sd_models").model_path)
+        return Path(ckpt_dir) if ckpt_dir else Path(self.ext.webui.module("sd_models").model_path)

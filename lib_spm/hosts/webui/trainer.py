@@ -26,9 +26,11 @@ import contextlib
 
 import torch
 
-from ..errors import SPMRuntimeError, SPMShapeError, SPMValueError
-from ..trainer import Conditioning
-from .webui import CHUNK, _webui, flagged_arch, unet_of
+from ...errors import SPMRuntimeError, SPMShapeError, SPMValueError
+from ...trainer import Conditioning
+from .gateway import webui
+from .model import model_kind, unet_of
+from .rows import CHUNK
 
 
 class _Prompts(list):
@@ -38,27 +40,6 @@ class _Prompts(list):
         super().__init__(texts)
         self.width, self.height = width, height
         self.is_negative_prompt = False
-
-
-def model_kind(sd_model) -> str:
-    """``sd1`` / ``sd2`` / ``sdxl`` for a model SPMs can be trained on; refuses anything else."""
-    name = type(sd_model).__name__
-    if getattr(sd_model, "is_sd3", False):
-        raise SPMRuntimeError("SPM training supports SD1.x, SD2.x and SDXL UNets; the loaded model is SD3")
-    if getattr(sd_model, "is_ssd", False):
-        raise SPMRuntimeError("SPM training does not support SSD-1B (a pruned SDXL); load an SD1.x, SD2.x or SDXL model")
-    if getattr(sd_model, "cond_stage_key", None) == "edit":
-        raise SPMRuntimeError("SPM training does not support InstructPix2Pix models; load a text-to-image model")
-    unet = unet_of(sd_model)
-    conv = next((m for m in unet.modules() if isinstance(m, torch.nn.Conv2d)), None)
-    if conv is None or conv.in_channels != 4:
-        got = "no input convolution" if conv is None else f"{conv.in_channels} input channels"
-        raise SPMRuntimeError(f"SPM training needs a 4-channel text-to-image UNet; this one has {got} "
-                              "(an inpainting model?)")
-    arch = flagged_arch(sd_model)
-    if arch is not None:
-        return arch
-    raise SPMRuntimeError(f"unknown model type ({name}): SPM training supports SD1.x, SD2.x and SDXL")
 
 
 class WebUIBackend:
@@ -89,7 +70,7 @@ class WebUIBackend:
     def _precision(self):
         """The WebUI's autocast; without the WebUI, torch's on a half-precision CUDA UNet."""
         try:
-            return _webui("devices").autocast()
+            return webui("devices").autocast()
         except ImportError:
             if self.device.type == "cuda" and self.dtype in (torch.float16, torch.bfloat16):
                 return torch.autocast("cuda", dtype=self.dtype)

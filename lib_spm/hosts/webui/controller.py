@@ -1,5 +1,5 @@
-"""Applying SPMs during WebUI generation: the script's arguments, prompt tags, infotext, and the
-one object that owns what is attached to the loaded model.
+"""Applying SPMs during WebUI generation: the one object that owns what is attached to the loaded
+model (what the user asked for is read in :mod:`.args`).
 
 The WebUI runs every Script method and callback inside ``try/except`` and only reports what
 they raise, so nothing raised there can stop a generation. What must stop one (bad arguments,
@@ -31,158 +31,29 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import re
 import weakref
 from dataclasses import dataclass, field, replace
 from typing import Callable, Sequence
 
-from .. import archs, functional
-from ..errors import (ArchitectureMismatch, ModerationUnavailable, SPMError, SPMKeyError, SPMRefusal, SPMValueError,
-                      SPMRequestError, SPMShapeError, UnresolvedKeysError)
-from ..library import SPMLibrary, check_name
-from ..moderation import Policy, opposed
-from ..session import GateSettings, Session
-from ..spm_file import MAX_STRENGTH, SPMFile
-from ..values import flag, number, parse_name_weights
-from .webui import PromptTokens, WebUIConcepts, WebUIRows, flagged_arch, unet_of
+from ...errors import (ArchitectureMismatch, ModerationUnavailable, SPMError, SPMKeyError, SPMRefusal, SPMRequestError,
+                       SPMShapeError, UnresolvedKeysError)
+from ...library import SPMLibrary, check_name
+from ...moderation import Policy, opposed
+from ...session import GateSettings, Session
+from ...spm_file import MAX_STRENGTH, SPMFile
+from ...values import number
+from .args import INFO_ENFORCED, INFO_FT, INFO_HASHES, INFO_KEYS, INFO_SKIPPED, INFO_SPM, INFO_UNGATED, MAX_FACTOR, \
+    ApplyArgs, Choice, merge_choices, tag_choices
+from .gateway import Gateway
+from .model import model_arch, unet_of
+from .rows import PromptTokens, WebUIConcepts, WebUIRows
 
 log = logging.getLogger("sd-webui-spm")
 
-SLOTS = 4  # SPM choices in the accordion; the API's args follow the same layout
-HEAD = ("enabled", "ft", "factor", "metric")  # then (name, strength) per slot
-MAX_FACTOR = 10.0
-
-INFO_SPM, INFO_HASHES, INFO_FT = "SPM", "SPM hashes", "SPM FT"
-INFO_ENFORCED, INFO_SKIPPED, INFO_UNGATED = "SPM enforced", "SPM skipped", "SPM ungated"
-INFO_KEYS = (INFO_SPM, INFO_HASHES, INFO_FT, INFO_ENFORCED, INFO_SKIPPED, INFO_UNGATED)
 PREFIX = "Concept erasure (SPM): "
 
 # what a file that does not suit the loaded UNet raises when attached (skipped, not refused)
 _DOES_NOT_FIT = (ArchitectureMismatch, UnresolvedKeysError, SPMShapeError, SPMKeyError)
-
-
-@dataclass(frozen=True)
-class Choice:
-    name: str
-    strength: float
-    source: str = "ui"  # ui | prompt | xyz
-
-
-@dataclass(frozen=True)
-class ApplyArgs:
-    """What the user chose in the accordion (or sent as ``alwayson_scripts`` args)."""
-
-    enabled: bool = False
-    ft: bool = True
-    factor: float = 1.0
-    metric: str = GateSettings.metric
-    choices: tuple[Choice, ...] = ()
-
-    @classmethod
-    def parse(cls, args: Sequence) -> "ApplyArgs":
-        """``[enabled, ft, factor, metric, name1, strength1, ...]``; trailing items may be left out."""
-        if isinstance(args, (str, bytes)) or not isinstance(args, Sequence):
-            raise SPMValueError("SPM script args must be a list: [enabled, ft, factor, metric, name, strength, ...]")
-        args = list(args)
-        if len(args) > len(HEAD) + 2 * SLOTS:
-            raise SPMValueError(f"SPM script takes at most {len(HEAD) + 2 * SLOTS} args "
-                                  f"({', '.join(HEAD)}, then name and strength for {SLOTS} SPMs), got {len(args)}")
-        d = cls()
-        head = dict(zip(HEAD, args))
-        enabled = flag(head.get("enabled", d.enabled), "enabled")
-        ft = flag(head.get("ft", d.ft), "ft (Facilitated Transport)")
-        factor = number(head.get("factor", d.factor), "FT factor", 0.0, MAX_FACTOR)
-        metric = head.get("metric", d.metric)
-        if not isinstance(metric, str) or metric not in functional.METRICS:
-            raise SPMValueError(f"unknown FT metric {metric!r}; choose one of {', '.join(functional.METRICS)}")
-        choices = []
-        rest = args[len(HEAD):]
-        for i in range(0, len(rest), 2):
-            name = rest[i]
-            strength = rest[i + 1] if i + 1 < len(rest) else 1.0
-            if name is None or (isinstance(name, str) and name.strip() in ("", "None")):
-                continue
-            if not isinstance(name, str):
-                raise SPMValueError(f"SPM {i // 2 + 1}: name must be a string, not {type(name).__name__}")
-            choices.append(Choice(name.strip(), number(strength, f"strength of SPM {name!r}",
-                                                       -MAX_STRENGTH, MAX_STRENGTH)))
-        return cls(enabled, ft, factor, metric, tuple(choices))
-
-    def gate(self) -> GateSettings:
-        return GateSettings(enabled=self.ft, factor=self.factor, metric=self.metric)
-
-    @classmethod
-    def from_infotext(cls, params: dict) -> "ApplyArgs | None":
-        """The accordion settings a pasted infotext describes; None when it has none.
-
-        SPMs the pasted prompt holds as ``<spm:...>`` tags come back with the prompt, so they are
-        left out; ``SPM enforced`` is the operator's and never pasted. Unreadable entries give
-        None rather than an error: pasting never fails on our account.
-        """
-        text = params.get(INFO_SPM)
-        if not isinstance(text, str) or not text.strip():
-            return None
-        tagged = {m.group(1).split(":")[0].strip() for m in _TAG.finditer(str(params.get("Prompt", "")))}
-        try:
-            choices = tuple(Choice(n, s) for n, s in parse_name_weights(text, what="strength", lo=-MAX_STRENGTH,
-                                                                        hi=MAX_STRENGTH) if n not in tagged)[:SLOTS]
-            if not choices:
-                return None
-            ft_text = str(params.get(INFO_FT, "")).strip()
-            if not ft_text or ft_text == "off":
-                return cls(True, ft_text != "off", choices=choices)
-            metric, _, factor = ft_text.rpartition(" x")
-            if metric not in functional.METRICS:
-                return cls(True, True, choices=choices)
-            return cls(True, True, number(factor, "FT factor", 0.0, MAX_FACTOR), metric, choices)
-        except SPMError:
-            return None
-
-    def as_args(self) -> list:
-        """Back to the script's positional args (what the UI components hold)."""
-        out: list = [self.enabled, self.ft, self.factor, self.metric]
-        for i in range(SLOTS):
-            c = self.choices[i] if i < len(self.choices) else None
-            out += [c.name if c else "None", c.strength if c else 1.0]
-        return out
-
-
-_TAG = re.compile(r"<spm:([^>]+)>")
-
-
-def tag_choices(params_list, default_strength: float = 1.0) -> tuple[Choice, ...]:
-    """``<spm:name>`` / ``<spm:name:strength>`` from the WebUI's ``ExtraNetworkParams`` list."""
-    out = []
-    for params in params_list:
-        pos = list(getattr(params, "positional", params))
-        if not pos or not str(pos[0]).strip():
-            raise SPMValueError("a <spm:...> tag needs a name: <spm:name:strength>")
-        name = str(pos[0]).strip()
-        if len(pos) > 2:
-            raise SPMValueError(f"<spm:{':'.join(map(str, pos))}> has {len(pos)} parts; write <spm:name:strength>")
-        strength = number(str(pos[1]).strip(), f"strength in <spm:{name}:...>", -MAX_STRENGTH, MAX_STRENGTH) \
-            if len(pos) > 1 else float(default_strength)
-        out.append(Choice(name, strength, "prompt"))
-    return tuple(out)
-
-
-def merge_choices(*groups: Sequence[Choice]) -> tuple[Choice, ...]:
-    """One entry per SPM name; a later group's entry replaces an earlier one (tags over the accordion)."""
-    merged: dict[str, Choice] = {}
-    for group in groups:
-        for c in group:
-            merged.pop(c.name, None)
-            merged[c.name] = c
-    return tuple(c for c in merged.values() if c.strength != 0.0)
-
-
-def model_arch(sd_model) -> str | None:
-    """The loaded model's architecture: its WebUI flags, else its UNet's context width."""
-    arch = flagged_arch(sd_model)
-    if arch is not None:
-        return arch
-    dim = archs.unet_context_dim(unet_of(sd_model))
-    return archs.arch_from_context_dim(dim) if dim else None
 
 
 # -- the runtime owner ---------------------------------------------------------------------------
@@ -234,7 +105,7 @@ class _Generation:
 class SPMController:
     """The one owner of everything the extension attaches to the loaded model.
 
-    ``shared`` gives the WebUI's ``shared`` module (``sd_model``, ``opts``); tests pass a stand-in.
+    ``shared`` stands in for the WebUI's ``shared`` module (``sd_model``, ``opts``), as tests do.
     """
 
     def __init__(self, library: SPMLibrary, *, policy: Policy = Policy(), enforced_gate: GateSettings | None = None,
@@ -242,7 +113,7 @@ class SPMController:
         self.library = library
         self.policy = policy
         self.enforced_gate = enforced_gate or GateSettings()
-        self._shared = shared
+        self._webui = Gateway(shared=shared)
         self._gen: _Generation | None = None
         self._model_state: tuple | None = None  # (sd_model, PromptTokens, _CachedConcepts)
         self._guards: dict[int, tuple[weakref.ref, list]] = {}  # id(unet) -> (unet, hook handles)
@@ -252,11 +123,7 @@ class SPMController:
     # -- WebUI state ---------------------------------------------------------------------------
     @property
     def shared(self):
-        if self._shared is None:
-            import importlib
-
-            self._shared = importlib.import_module("modules.shared")
-        return self._shared
+        return self._webui.shared
 
     def _opt(self, name, default):
         return getattr(self.shared.opts, name, default)

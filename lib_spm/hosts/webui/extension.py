@@ -9,24 +9,21 @@ from __future__ import annotations
 
 import contextlib
 import html
-import importlib
 import os
 import threading
 from pathlib import Path
 
-from ..errors import SPMError
-from ..jobs import JobRunner
-from ..library import UNGATED, SPMLibrary
-from ..moderation import Policy
-from ..session import GateSettings
-from .webui_apply import SPMController, model_arch
+from ...errors import SPMError
+from ...jobs import JobRunner
+from ...library import UNGATED, SPMLibrary
+from ...moderation import Policy
+from ...session import GateSettings
+from .controller import SPMController
+from .gateway import Gateway, webui
+from .model import model_arch
 
 SECTION = ("spm", "Concept erasure (SPM)")
 TAG = "spm"
-
-
-def _webui(name: str):
-    return importlib.import_module(f"modules.{name}")
 
 
 def spm_dir(cmd_opts, models_path: str | os.PathLike) -> Path:
@@ -44,12 +41,12 @@ class Extension:
         self.policy = policy
         self.controller = SPMController(self.library, policy=policy, shared=shared)
         self.jobs = JobRunner()  # training/merging: one at a time, and found again after a page reload
-        self._shared = shared
+        self.webui = Gateway(shared=shared)  # the WebUI's modules (stand-ins in tests)
 
     @classmethod
     def from_webui(cls) -> "Extension":
-        shared = _webui("shared")
-        paths = _webui("paths")
+        shared = webui("shared")
+        paths = webui("paths")
         policy = Policy.parse(getattr(shared.cmd_opts, "spm_enforce", None),
                               lockdown=bool(getattr(shared.cmd_opts, "spm_lockdown", False)))
         ext = cls(spm_dir(shared.cmd_opts, paths.models_path), policy=policy)
@@ -66,7 +63,7 @@ class Extension:
 
     @property
     def shared(self):
-        return self._shared if self._shared is not None else _webui("shared")
+        return self.webui.shared
 
     def default_args(self) -> dict:
         """The accordion's defaults from the settings section."""

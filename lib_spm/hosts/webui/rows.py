@@ -1,7 +1,8 @@
-"""The AUTOMATIC1111 WebUI host (v1.10.1): the only module that knows the WebUI's internals.
+"""Which text each batch row holds, and its tokens, as the AUTOMATIC1111 WebUI (v1.10.1) lays rows out.
 
-Everything here takes WebUI objects (or duck-typed stand-ins) as arguments; ``modules`` is only
-imported inside functions, as a default when no stand-in is given. Per generation, a script does::
+Everything here takes WebUI objects (or duck-typed stand-ins) as arguments; the WebUI's own
+modules are looked up (:mod:`.gateway`) only as a default when no stand-in is given. Per
+generation, a host does::
 
     rows = WebUIRows.for_model(shared.sd_model)
     session = Session(unet_of(shared.sd_model), spms, encoder=WebUIConcepts(shared.sd_model),
@@ -42,56 +43,25 @@ chunks differently from ``process_texts`` and is not modelled.
 from __future__ import annotations
 
 import contextlib
-import importlib
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
 import torch
 
-from ..errors import SPMRuntimeError, SPMShapeError, SPMValueError
+from ...errors import SPMRuntimeError, SPMShapeError, SPMValueError
+from .gateway import webui
+from .model import conditioning_of
 
 CHUNK = 77  # tokens per encoded chunk: start, 75 prompt tokens, end (sd_hijack_clip)
 
 
-def _webui(name: str):
-    return importlib.import_module(f"modules.{name}")
-
-
 def _webui_opts():
-    return _webui("shared").opts
+    return webui("shared").opts
 
 
 def _crossattn(cond):
     """The text part of a WebUI conditioning: the tensor itself, or SDXL's ``cond['crossattn']``."""
     return cond["crossattn"] if isinstance(cond, dict) else cond
-
-
-# -- the UNet ------------------------------------------------------------------------------------
-
-def unet_of(sd_model) -> torch.nn.Module:
-    """The LDM/sgm ``UNetModel`` the WebUI denoises with."""
-    try:
-        return sd_model.model.diffusion_model
-    except AttributeError:
-        raise SPMRuntimeError("this model has no model.diffusion_model: not a WebUI Stable Diffusion model") from None
-
-
-def conditioning_of(args: tuple, kwargs: dict) -> torch.Tensor:
-    """The text conditioning of ``UNetModel.forward(x, timesteps=None, context=None, y=None)``."""
-    ctx = kwargs.get("context")
-    if ctx is None and len(args) >= 3:
-        ctx = args[2]
-    if not isinstance(ctx, torch.Tensor):
-        raise SPMRuntimeError("this UNet call has no text conditioning (context)")
-    return ctx
-
-
-def flagged_arch(sd_model) -> str | None:
-    """``sdxl``/``sd2``/``sd1`` from the flags ``sd_models.set_model_type`` sets; None without one."""
-    for attr, arch in (("is_sdxl", "sdxl"), ("is_sd2", "sd2"), ("is_sd1", "sd1")):
-        if getattr(sd_model, attr, False) is True:
-            return arch
-    return None
 
 
 # -- tokens --------------------------------------------------------------------------------------
@@ -198,7 +168,7 @@ class WebUIConcepts:
 
 def _autocast():
     try:
-        return _webui("devices").autocast()
+        return webui("devices").autocast()
     except ImportError:
         return contextlib.nullcontext()
 
@@ -218,7 +188,7 @@ class RowTexts:
                  hires_steps: int | None = None, use_old_scheduling: bool = False, parser=None):
         if len(prompts) != len(negative_prompts):
             raise SPMValueError(f"{len(prompts)} prompts but {len(negative_prompts)} negative prompts")
-        parser = parser or _webui("prompt_parser")
+        parser = parser or webui("prompt_parser")
         indexes, flat, _ = parser.get_multicond_prompt_list(list(prompts))
         schedules = parser.get_learned_conditioning_prompt_schedules
         self.subprompts = [[(int(i), float(w)) for i, w in image] for image in indexes]  # (flat index, weight)
@@ -427,7 +397,7 @@ class WebUIRows:
             return
         same = cond.shape[1] == uncond.shape[1] or bool(getattr(opts, "pad_cond_uncond_v0", False)) \
             or bool(getattr(opts, "pad_cond_uncond", False))
-        sd_model = self._sd_model if self._sd_model is not None else _webui("shared").sd_model
+        sd_model = self._sd_model if self._sd_model is not None else webui("shared").sd_model
         scale = getattr(d, "image_cfg_scale", None)
         edit = getattr(sd_model, "cond_stage_key", None) == "edit" and scale is not None and scale != 1.0
         bcu = bool(getattr(opts, "batch_cond_uncond", True))

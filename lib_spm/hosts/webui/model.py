@@ -1,0 +1,68 @@
+"""What the WebUI's loaded model is: its UNet, a UNet call's conditioning, its architecture."""
+
+from __future__ import annotations
+
+import torch
+
+from ... import archs
+from ...errors import SPMRuntimeError
+
+
+def unet_of(sd_model) -> torch.nn.Module:
+    """The LDM/sgm ``UNetModel`` the WebUI denoises with."""
+    try:
+        return sd_model.model.diffusion_model
+    except AttributeError:
+        raise SPMRuntimeError("this model has no model.diffusion_model: not a WebUI Stable Diffusion model") from None
+
+
+def conditioning_of(args: tuple, kwargs: dict) -> torch.Tensor:
+    """The text conditioning of ``UNetModel.forward(x, timesteps=None, context=None, y=None)``."""
+    ctx = kwargs.get("context")
+    if ctx is None and len(args) >= 3:
+        ctx = args[2]
+    if not isinstance(ctx, torch.Tensor):
+        raise SPMRuntimeError("this UNet call has no text conditioning (context)")
+    return ctx
+
+
+def flagged_arch(sd_model) -> str | None:
+    """``sdxl``/``sd2``/``sd1`` from the flags ``sd_models.set_model_type`` sets; None without one."""
+    for attr, arch in (("is_sdxl", "sdxl"), ("is_sd2", "sd2"), ("is_sd1", "sd1")):
+        if getattr(sd_model, attr, False) is True:
+            return arch
+    return None
+
+
+def model_arch(sd_model) -> str | None:
+    """The loaded model's architecture: its WebUI flags, else its UNet's context width."""
+    arch = flagged_arch(sd_model)
+    if arch is not None:
+        return arch
+    dim = archs.unet_context_dim(unet_of(sd_model))
+    return archs.arch_from_context_dim(dim) if dim else None
+
+
+def model_kind(sd_model) -> str:
+    """``sd1`` / ``sd2`` / ``sdxl`` for a model SPMs can be trained on; refuses anything else.
+
+    :func:`model_arch` answers "which architecture"; training also needs a plain 4-channel
+    text-to-image UNet, which SD3, SSD-1B, InstructPix2Pix and inpainting models are not.
+    """
+    if getattr(sd_model, "is_sd3", False):
+        raise SPMRuntimeError("SPM training supports SD1.x, SD2.x and SDXL UNets; the loaded model is SD3")
+    if getattr(sd_model, "is_ssd", False):
+        raise SPMRuntimeError("SPM training does not support SSD-1B (a pruned SDXL); load an SD1.x, SD2.x or SDXL model")
+    if getattr(sd_model, "cond_stage_key", None) == "edit":
+        raise SPMRuntimeError("SPM training does not support InstructPix2Pix models; load a text-to-image model")
+    unet = unet_of(sd_model)
+    conv = next((m for m in unet.modules() if isinstance(m, torch.nn.Conv2d)), None)
+    if conv is None or conv.in_channels != 4:
+        got = "no input convolution" if conv is None else f"{conv.in_channels} input channels"
+        raise SPMRuntimeError(f"SPM training needs a 4-channel text-to-image UNet; this one has {got} "
+                              "(an inpainting model?)")
+    arch = model_arch(sd_model)
+    if arch is not None:
+        return arch
+    raise SPMRuntimeError(f"unknown model type ({type(sd_model).__name__}): SPM training supports SD1.x, SD2.x "
+                          "and SDXL")
