@@ -9,6 +9,7 @@ only counts if every user input leaves the enforced output unchanged or is refus
 from __future__ import annotations
 
 import contextlib
+import sys
 from dataclasses import replace
 from types import SimpleNamespace
 
@@ -325,6 +326,22 @@ def test_one_extension_per_process_even_when_threads_race_for_it(world, tmp_path
         for t in threads:
             t.join()
         assert got[0] is got[1] is w.mod.ext()
+        # and making it never waits for the model (the WebUI's sd_model property blocks while the
+        # model loads, and the loading thread's callback waits for the Extension)
+        webui_ext.release()
+        monkeypatch.setattr(webui_ext.Extension, "from_webui", staticmethod(make))
+        real = sys.modules["modules.shared"]
+
+        class Loading:  # the WebUI's shared while its model loads
+            def __getattr__(self, name):
+                return getattr(real, name)
+
+            @property
+            def sd_model(self):
+                raise AssertionError("making the Extension read shared.sd_model")
+
+        monkeypatch.setitem(sys.modules, "modules.shared", Loading())
+        assert webui_ext.extension().policy.enforced[0].name == "circle"
 
 
 def test_an_ungated_spm_is_labelled_where_it_acts(world, tmp_path):

@@ -50,7 +50,7 @@ class Extension:
         policy = Policy.parse(getattr(shared.cmd_opts, "spm_enforce", None),
                               lockdown=bool(getattr(shared.cmd_opts, "spm_lockdown", False)))
         ext = cls(spm_dir(shared.cmd_opts, paths.models_path), policy=policy)
-        ext.controller.check_policy(getattr(shared, "sd_model", None))  # start-up: say what cannot act
+        ext.controller.check_policy()  # start-up: say which files cannot act (models are checked as they load)
         return ext
 
     @property
@@ -160,7 +160,10 @@ _instance_lock = threading.Lock()
 
 
 def extension() -> Extension:
-    """The process's Extension, made from the WebUI's flags on first use (from any thread)."""
+    """The process's Extension, made from the WebUI's flags on first use (from any thread).
+
+    Making it must not read ``shared.sd_model``: at start-up that property waits for the model
+    the loading thread is loading, and that thread's on_model_loaded waits for this lock."""
     with _instance_lock:
         if not _instance:
             _instance.append(Extension.from_webui())
