@@ -341,7 +341,7 @@ class SPMLibrary:
         with _folder_errors("read", name):
             found = path.is_file()
         if not found:
-            raise SPMKeyError(f"no SPM named {_shown(check_name(name))} in {self.root}")
+            raise SPMKeyError(f"no SPM named {_shown(check_name(name))} in the SPM folder")  # no server path for API clients
         return path
 
     def _one_of(self, name: str, spellings: list) -> Entry:
