@@ -73,7 +73,8 @@ def measure(arch: str, resolution: int, iterations: int, max_denoising_steps: in
     unet = UNet2DConditionModel(**cfg)
     cuda = torch.cuda.is_available()
     device, dtype = (torch.device("cuda"), torch.float16) if cuda else (torch.device("cpu"), torch.float32)
-    unet.to(device, dtype)  # fp16 weights on a GPU, as hosts hold them
+    if cuda:
+        unet.to(device, dtype)  # fp16 weights on a GPU, as hosts hold them
     rss_model = _rss_mib()
     if cuda:
         torch.cuda.reset_peak_memory_stats()

@@ -43,6 +43,13 @@ class WebUIHost:
         except SPMRuntimeError:
             return None
 
+    def device_type(self) -> str:
+        """Where the WebUI computes (``cuda``, ``mps``, ``cpu``), for the Train panel's estimate."""
+        try:
+            return _webui("devices").device.type
+        except (ImportError, AttributeError):
+            return "cpu"
+
     def backend(self, resolution: int):
         from .webui_train import WebUIBackend
 
