@@ -14,6 +14,7 @@ import time
 import torch
 
 from . import archs
+from .progress import Progress
 from .session import GateSettings, Session
 from .zoo import zoo_state_dict
 from .metadata import SPMMetadata
@@ -56,9 +57,11 @@ def bench_runtime(arch: str = "sd1", latent: int = 32, batch: int = 2, rounds: i
     configs = {0: None, **{n: Session(unet, [(s, 1.0) for s in spms[:n]], encoder=_SeededEncoder(width),
                                       gate=GateSettings()) for n in counts}}
     times = {n: [] for n in configs}
+    progress = Progress(f"bench runtime {arch} latent {latent}", rounds * len(configs) + 1)
     with torch.no_grad():
         unet(x, t, ctx, **extra)  # warm-up
-        for _ in range(rounds):
+        progress.advance(note="warm-up")
+        for r in range(rounds):
             for n, session in configs.items():
                 if session is not None:
                     session.attach()
@@ -67,9 +70,13 @@ def bench_runtime(arch: str = "sd1", latent: int = 32, batch: int = 2, rounds: i
                 times[n].append(time.perf_counter() - t0)
                 if session is not None:
                     session.detach()
+                progress.advance(note=f"round {r + 1}, {n} SPMs")
+    progress.close()
     base = statistics.median(times[0])
     return {
         "arch": arch, "latent": latent, "batch": batch, "rounds": rounds, "threads": torch.get_num_threads(),
         "median_seconds": {n: round(statistics.median(v), 4) for n, v in times.items()},
         "ratio_to_bare_unet": {n: round(statistics.median(v) / base, 4) for n, v in times.items()},
+        # each round's time over the same round's bare call, then the median: robust to slow phases
+        "paired_ratio": {n: round(statistics.median(a / b for a, b in zip(v, times[0])), 4) for n, v in times.items()},
     }

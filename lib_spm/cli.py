@@ -73,7 +73,16 @@ def _demo(args) -> int:
 def _bench(args) -> int:
     from .bench import bench_runtime
 
-    print(json.dumps(bench_runtime(args.arch, latent=args.latent, batch=args.batch, rounds=args.rounds), indent=2))
+    print(json.dumps(bench_runtime(args.arch, latent=args.latent, batch=args.batch, rounds=args.rounds,
+                                   counts=tuple(args.counts)), indent=2))
+    return 0
+
+
+def _bench_train_memory(args) -> int:
+    from .bench_memory import bench_train_memory
+
+    print(json.dumps(bench_train_memory(args.arch, args.resolution, args.iterations, args.max_denoising_steps,
+                                        args.anchors, compare=args.compare), indent=2))
     return 0
 
 
@@ -258,6 +267,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--latent", type=int, default=32, help="latent side (64 = 512 px for SD1)")
     r.add_argument("--batch", type=int, default=2)
     r.add_argument("--rounds", type=int, default=5)
+    r.add_argument("--counts", type=int, nargs="+", default=[1, 4, 16], help="numbers of SPMs to time")
     r.set_defaults(run=_bench)
     bb = bsub.add_parser("bake-memory", help="peak RSS of baking into a full-size random checkpoint vs its size")
     bb.add_argument("--arch", choices=("sd1", "sdxl"), default="sd1")
@@ -268,6 +278,16 @@ def build_parser() -> argparse.ArgumentParser:
     bb.add_argument("--only", action="append", default=None, metavar="TEXT",
                     help="keep only float tensors whose names contain TEXT (repeatable): a smaller checkpoint")
     bb.set_defaults(run=_bench_bake)
+    tm = bsub.add_parser("train-memory", help="peak memory of a few training iterations on a full-size random UNet")
+    tm.add_argument("--arch", choices=("sd1", "sd2", "sdxl"), default="sd1")
+    tm.add_argument("--resolution", type=int, default=None, help="pixels (default: 512 for sd1/sd2, 1024 for sdxl)")
+    tm.add_argument("--iterations", type=int, default=2)
+    tm.add_argument("--max-denoising-steps", type=int, default=30,
+                    help="the trainer's setting; fewer is faster and does not change the peak")
+    tm.add_argument("--anchors", type=int, default=4)
+    tm.add_argument("--compare", action="store_true",
+                    help="also run without the memory savers (checkpointing, autocast) and give the ratios")
+    tm.set_defaults(run=_bench_train_memory)
     e = bsub.add_parser("erasure", help="erasure quality in the shapes world (cases, gates, training cost)")
     e.add_argument("--n", type=int, default=16, help="samples per prompt")
     e.add_argument("--seed", type=int, default=0)

@@ -24,6 +24,7 @@ def run_demo(out_dir: str | Path, concept: str = "circle", *, n: int = 8, iterat
     from .world.erasure import WORLD_RECIPE, measure, other_prompts, target_prompts, train_concept
     from .world.model import load_world
     from .world.pipeline import WorldPipeline
+    from .progress import Progress
 
     if concept not in data.SHAPES:
         raise SPMValueError(f"the shapes world knows {', '.join(data.SHAPES)}; not {concept!r}")
@@ -34,17 +35,21 @@ def run_demo(out_dir: str | Path, concept: str = "circle", *, n: int = 8, iterat
     spm_path = out / f"erase_{concept}.safetensors"
     spm_path.unlink(missing_ok=True)
     extra = {} if iterations is None else {"iterations": iterations}
-    spm = train_concept(pipe, concept, spm_path, seed=seed, **extra)
+    spm = train_concept(pipe, concept, spm_path, seed=seed, progress=True, **extra)
     train_seconds = time.time() - t0
     targets, others = target_prompts(concept), other_prompts([concept])
     cache: dict = {}
     results = {}
+    checks = Progress(f"demo: generating and judging {n} samples per prompt", len(GATES) + 1)
     for label, gate in GATES.items():
+        checks.advance(0, note=f"gate {label}")
         m = measure(pipe, [(spm, 1.0)], targets, others, gate=gate, n=n, seed=seed, base_cache=cache)
+        checks.advance(note=f"gate {label} done")
         results[label] = {"erase_rate": round(m.erase_rate, 4), "preservation": round(m.preservation, 4),
                           "other_accuracy": round(m.other_accuracy, 4),
                           "base_other_accuracy": round(m.base_other_accuracy, 4)}
     _save_grid(out / "grid.png", pipe, spm, concept)
+    checks.advance(note="grid.png written")
     metrics = {
         "concept": concept,
         "erase_rate": results["calibrated"]["erase_rate"],

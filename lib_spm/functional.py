@@ -66,19 +66,24 @@ def content_mask(lengths: Sequence[int | None], T: int, L: int) -> torch.Tensor:
 def end_states(cond: torch.Tensor, lengths: Sequence[int | None], L: int) -> torch.Tensor:
     """[B, k, D]: the hidden state at each chunk's end token, which a causal CLIP text encoder
     computes from the whole chunk (for k > 1, chunks hold L-2 prompt tokens each). Rows of
-    unknown length give NaN."""
+    unknown length give NaN, and so do later chunks that hold none of the prompt.
+
+    The positions come from the lengths (host integers), so this is one gather on the device.
+    """
     B, T, D = cond.shape
-    k = T // L
-    counts = content_mask(lengths, T, L).view(B, k, L).sum(-1)  # prompt tokens in each chunk
-    out = torch.full((B, k, D), float("nan"), dtype=torch.float32, device=cond.device)
+    k, per = T // L, L - 2
+    pos = torch.zeros(B, k, dtype=torch.long)
+    used = torch.zeros(B, k, dtype=torch.bool)
     for b, n in enumerate(lengths):
         if n is None:
             continue
         for j in range(k):
-            m = int(counts[b, j])
+            m = min(per, max(0, n - j * per))  # prompt tokens in chunk j
             if j == 0 or m > 0:
-                out[b, j] = cond[b, j * L + m + 1].float()
-    return out
+                pos[b, j], used[b, j] = j * L + m + 1, True
+    pos, used = pos.to(cond.device), used.to(cond.device)
+    ends = cond.gather(1, pos[:, :, None].expand(B, k, D)).float()
+    return ends.masked_fill(~used[:, :, None], float("nan"))
 
 
 def pooled_cosine(cond, row_lengths, concepts, concept_lengths, null: torch.Tensor) -> torch.Tensor:
@@ -86,19 +91,21 @@ def pooled_cosine(cond, row_lengths, concepts, concept_lengths, null: torch.Tens
 
     Centring removes what every prompt shares (position, the start token's influence), so what
     remains is what the prompt says. Rows of unknown length give NaN (the caller falls back).
+    The result stays on ``cond``'s device.
     """
     L = concepts.shape[1]
     base = null[0, 1].float()  # the empty prompt's end token sits right after its start token
     rows = end_states(cond, row_lengths, L) - base.to(cond.device)
     cons = end_states(concepts, concept_lengths, L)[:, 0] - base.to(concepts.device)
     sim = torch.einsum("bkd,cd->bkc", F.normalize(rows, dim=-1), F.normalize(cons.to(rows.device), dim=-1))
-    best = torch.nan_to_num(sim, nan=-2.0).amax(dim=1).cpu()  # unused chunks never win
-    known = torch.tensor([n is not None for n in row_lengths])
+    best = torch.nan_to_num(sim, nan=-2.0).amax(dim=1)  # unused chunks never win
+    known = torch.tensor([n is not None for n in row_lengths], device=best.device)
     return best.masked_fill(~known[:, None], float("nan"))
 
 
 def calibrate(scores: torch.Tensor, floor: torch.Tensor) -> torch.Tensor:
     """Rescale so the concept itself scores 1 and unrelated prompts (on average) 0."""
+    floor = floor.to(scores.device)
     return ((scores - floor) / (1 - floor).clamp_min(1e-6)).clamp(0, 1)
 
 
@@ -110,7 +117,11 @@ def concept_scores(
     concept_tokens: Sequence[Sequence[int]],
     calibration: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
-    """gamma per (row, concept) for one of :data:`METRICS`: the max of the scores it names."""
+    """gamma per (row, concept) for one of :data:`METRICS`: the max of the scores it names.
+
+    Computed on ``cond``'s device without waiting for it: what is known about rows (their
+    tokens) comes from the host, so no branch reads a tensor value.
+    """
     if metric not in METRICS:
         raise ValueError(f"unknown gate metric {metric!r}; choose one of {METRICS}")
     parts = []
@@ -121,13 +132,13 @@ def concept_scores(
         raw = pooled_cosine(cond, [None if r is None else len(r) for r in row_tokens], concept_embeds,
                             [len(t) for t in concept_tokens], null)
         scored = calibrate(raw, floor)
-        if raw.isnan().any():  # rows whose prompt text is unknown: the cosine alone decides
-            scored = torch.where(raw.isnan(), clip_cosine(cond, concept_embeds).cpu(), scored)
+        if any(r is None for r in row_tokens):  # rows whose prompt text is unknown: the cosine alone decides
+            scored = torch.where(raw.isnan(), clip_cosine(cond, concept_embeds), scored)
         parts.append(scored)
     if "clipcos" in metric:
-        parts.append(clip_cosine(cond, concept_embeds).cpu())
+        parts.append(clip_cosine(cond, concept_embeds))
     if "tokenuni" in metric:
-        parts.append(token_overlap(row_tokens, concept_tokens))
+        parts.append(token_overlap(row_tokens, concept_tokens).to(cond.device))
     return torch.stack(parts).amax(dim=0)
 
 
@@ -141,7 +152,7 @@ def slice_gates(scores: torch.Tensor, groups: Sequence[Sequence[int]], factor: f
         if idx:
             cols.append(scores[:, list(idx)].amax(dim=1))
         else:
-            cols.append(torch.ones(scores.shape[0]))
+            cols.append(torch.ones(scores.shape[0], device=scores.device))
     return (torch.stack(cols, dim=1) * factor).clamp(0.0, 1.0)
 
 

@@ -84,7 +84,7 @@ class _Layer:
     down: torch.Tensor  # stacked [R, in] / [R, in, kh, kw]
     up: torch.Tensor  # stacked [out, R] / [out, R, 1, 1], alpha/rank folded in per column
     conv: dict | None
-    cache: dict = field(default_factory=dict)  # (device, dtype) -> (down, up)
+    cache: dict = field(default_factory=dict)  # (device, dtype) -> (down, up); "cols" -> cols on the device
 
     def weights(self, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         key = (like.device, like.dtype)
@@ -144,8 +144,8 @@ class Session:
         self._handles: list = []
         self._token: object | None = None  # identifies the hooks of the current attach
         self._coef: torch.Tensor | None = None  # [B, R] of the current UNet call
-        self._coef_cache: dict = {}
-        self.last_gates: torch.Tensor | None = None  # [B, slices] of the last UNet call
+        self._coef_cache: dict = {}  # SPM group -> its [B, R_group] coefficients (None: all off) this call
+        self.last_gates: torch.Tensor | None = None  # [B, slices] of the last UNet call, on its device
         self._concepts: list[str] = []
         self._concept_embeds: torch.Tensor | None = None
         self._concept_tokens: list[tuple[int, ...]] = []
@@ -275,7 +275,7 @@ class Session:
         """``[B, slices]``: the gate of every slice for every row of a conditioning batch."""
         B = cond.shape[0]
         if not self.gate.enabled or not self._concepts:
-            return torch.ones(B, len(self._slice_concepts))
+            return torch.ones(B, len(self._slice_concepts), device=cond.device)
         if rows is not None and len(rows) != B:
             raise SPMRuntimeError(f"host gave prompts for {len(rows)} rows, the UNet call has {B}")
         with torch.no_grad():
@@ -286,23 +286,26 @@ class Session:
         return functional.slice_gates(scores, self._groups, self.gate.factor)
 
     def _on_unet_call(self, token, module, args, kwargs):
+        """Everything a layer hook needs for this call, computed once on the model's device.
+
+        Layer hooks must not wait for the device (a GPU would stall ~200 times per call), so the
+        per-group coefficient slices are built here, in each group's weight dtype.
+        """
         if token is not self._token:
             return None  # a hook of an earlier, interrupted attach
         cond = self._conditioning_of(args, kwargs)
         B = cond.shape[0]
         gates = self.gates(cond, self._row_tokens(B) if self._row_tokens else None)
         self.last_gates = gates
-        strength = torch.tensor([a.strength for a in self._applied for _ in a.slice_ids])
-        self._coef = (gates[:, self._col_slice] * strength).to(cond.device)
-        self._coef_cache = {}
+        device = gates.device
+        strength = torch.tensor([a.strength for a in self._applied for _ in a.slice_ids], device=device)
+        coef = gates.index_select(1, self._col_slice.to(device)) * strength
+        per_group: dict = {}
+        for layer in self._layers.values():
+            if layer.group not in per_group:
+                per_group[layer.group] = _group_coef(coef, layer)
+        self._coef, self._coef_cache = coef, per_group
         return None
-
-    def _group_coef(self, layer: _Layer, like: torch.Tensor) -> torch.Tensor | None:
-        key = (layer.group, like.dtype)
-        if key not in self._coef_cache:
-            coef = self._coef[:, layer.cols.to(self._coef.device)]
-            self._coef_cache[key] = None if not bool(coef.any()) else coef.to(like.dtype)
-        return self._coef_cache[key]
 
     def _on_layer(self, token, layer: _Layer, module, args, output):
         if token is not self._token:
@@ -310,20 +313,37 @@ class Session:
         if self._coef is None:
             raise SPMRuntimeError("an adapted layer ran outside a call of the UNet the session is attached to")
         x = args[0]
-        coef = self._group_coef(layer, output)
+        coef = self._coef_cache[layer.group]
         if coef is None:
-            return None  # every row gated off: the layer's output is exactly the base output
+            return None  # every row gated off (known on CPU only): the output is exactly the base output
         if coef.shape[0] != x.shape[0]:
             if self.gate.enabled:
                 raise SPMRuntimeError(f"layer input has {x.shape[0]} rows, the UNet call had {coef.shape[0]}")
             coef = coef[:1].expand(x.shape[0], -1)
         down, up = layer.weights(output)
+        if coef.dtype != down.dtype:
+            coef = coef.to(down.dtype)  # a layer run in another dtype than its weights (autocast)
         x = x.to(down.dtype)
         if self.mode == "linear":
             delta = functional.lowrank_bypass(x, down, up, coef, layer.conv)
         else:
             delta = functional.original_bypass(x, down, up, coef, len(layer.group), 1.0, layer.conv)
         return output + delta
+
+
+def _group_coef(coef: torch.Tensor, layer: _Layer) -> torch.Tensor | None:
+    """``[B, R_group]`` of one SPM group in its layers' dtype; None when every row is gated off.
+
+    Whether all are off is asked only of CPU tensors: on an accelerator it would wait for the
+    device, and a zero coefficient gives the same output as skipping.
+    """
+    cols = layer.cache.get("cols")
+    if cols is None or cols.device != coef.device:
+        cols = layer.cache["cols"] = layer.cols.to(coef.device)
+    out = coef.index_select(1, cols).to(layer.down.dtype)
+    if out.device.type == "cpu" and not bool(out.any()):
+        return None
+    return out
 
 
 def _check_strength(strength: float) -> None:

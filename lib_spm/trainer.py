@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import math
 import time
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Protocol
@@ -28,6 +29,9 @@ from .metadata import SPMMetadata
 from .safetensors_io import read_file, read_header, write_file
 
 CHECKPOINT_FORMAT = "sd-webui-spm-train-checkpoint/1"
+# UNets this large (full-size SD: 0.86-2.6 B parameters) train with gradient checkpointing: it
+# cut the peak memory of `bench train-memory` (BENCHMARKS.md); tiny models stay fast without it.
+CHECKPOINTING_FROM_PARAMETERS = 100_000_000
 
 
 @dataclass
@@ -166,7 +170,7 @@ def _lr_at(cfg: TrainConfig, step: int) -> float:
 
 
 class Trainer:
-    def __init__(self, backend: Backend, cfg: TrainConfig):
+    def __init__(self, backend: Backend, cfg: TrainConfig, *, autocast: bool = True):
         self.backend, self.cfg = backend, cfg
         self.device = next(backend.unet.parameters()).device
         self.gen = torch.Generator().manual_seed(cfg.seed)
@@ -179,6 +183,15 @@ class Trainer:
         self.acp = acp.to(self.device)
         self._prompts = [(c, tpl) for c in cfg.targets for tpl in cfg.templates]
         self._cond_cache: dict[str, Conditioning] = {}
+        # autocast on CUDA: bf16 where the GPU has it, else fp16 with a loss scaler (the adapter's
+        # parameters and its optimizer stay fp32 either way)
+        self.amp_dtype = None
+        if autocast and self.device.type == "cuda":
+            self.amp_dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        self.scaler = torch.amp.GradScaler("cuda") if self.amp_dtype == torch.float16 else None
+
+    def _amp(self):
+        return torch.autocast("cuda", dtype=self.amp_dtype) if self.amp_dtype is not None else nullcontext()
 
     # -- pieces ---------------------------------------------------------------------------------
     def _cond(self, prompt: str) -> Conditioning:
@@ -228,17 +241,19 @@ class Trainer:
         idx = int(torch.randint(1, cfg.max_denoising_steps, (), generator=self.gen))
         B = cfg.batch
         x = self._randn(B, *self.backend.latent_shape)
-        with torch.no_grad():
-            x = self._ddim_to(x, idx, c_t, uncond)
+        with torch.no_grad(), self._amp():
+            x = self._ddim_to(x, idx, c_t, uncond).float()
         t = self.timesteps[idx].repeat(B).to(self.device)
         k = cfg.anchors if cfg.la_strength > 0 else 0
         anchors = [Conditioning(self._anchors(c_t.context, 1), c_n.added) for _ in range(k)]
         frozen_conds = Conditioning.cat([c_t.repeat(B), c_n.repeat(B)] + [a.repeat(B) for a in anchors])
-        with torch.no_grad(), self.adapter.disabled():
-            frozen = self.backend.predict_eps(x.repeat(2 + k, 1, 1, 1), t.repeat(2 + k), frozen_conds)
+        with torch.no_grad(), self.adapter.disabled(), self._amp():  # frozen: nothing kept for backward
+            frozen = self.backend.predict_eps(x.repeat(2 + k, 1, 1, 1), t.repeat(2 + k), frozen_conds).float()
         eps_t, eps_n, eps_a = frozen[:B], frozen[B : 2 * B], frozen[2 * B :]
         live_conds = Conditioning.cat([c_t.repeat(B)] + [a.repeat(B) for a in anchors])
-        live = self.backend.predict_eps(x.repeat(1 + k, 1, 1, 1), t.repeat(1 + k), live_conds)
+        with self._amp():
+            live = self.backend.predict_eps(x.repeat(1 + k, 1, 1, 1), t.repeat(1 + k), live_conds)
+        live = live.float()
         erase = F.mse_loss(live[:B], eps_n - cfg.guidance * (eps_t - eps_n))
         anchor = F.mse_loss(live[B:], eps_a) if k else torch.zeros((), device=self.device)
         loss = erase + cfg.la_strength * anchor
@@ -246,8 +261,13 @@ class Trainer:
         for g in self.opt.param_groups:
             g["lr"] = lr
         self.opt.zero_grad(set_to_none=True)
-        loss.backward()
-        self.opt.step()
+        if self.scaler is None:
+            loss.backward()
+            self.opt.step()
+        else:
+            self.scaler.scale(loss).backward()
+            self.scaler.step(self.opt)
+            self.scaler.update()
         self.step += 1
         passes = 2 * B * idx + (2 + k) * B + (1 + k) * B
         return TrainStatus(self.step, cfg.iterations, loss.item(), erase.item(), anchor.item(), lr,
@@ -328,16 +348,21 @@ def train_spm(
     checkpoint_every: int = 0,
     resume_from: str | Path | None = None,
     watch: Callable[[Trainer], None] | None = None,
+    gradient_checkpointing: bool | None = None,
+    autocast: bool = True,
 ) -> TrainResult:
     """Train, calling ``on_step`` each iteration; ``should_stop`` cancels (what exists is saved).
 
     ``watch`` gets the trainer once its adapter is attached and after every iteration (after that
     iteration's checkpoint is written), for previews; it must not draw from ``trainer.gen``.
     The checkpoint lives next to the output as ``<name>.ckpt.safetensors``.
+    ``gradient_checkpointing`` (diffusers UNets): None turns it on for UNets of at least
+    :data:`CHECKPOINTING_FROM_PARAMETERS` parameters; it only acts on the adapter's pass.
+    ``autocast`` runs the UNet passes under CUDA autocast (no effect elsewhere).
     """
     out_path = Path(out_path)
     ckpt = checkpoint_path(out_path)
-    trainer = Trainer(backend, cfg)
+    trainer = Trainer(backend, cfg, autocast=autocast)
     if resume_from is not None:
         trainer.load_checkpoint(resume_from)
     was_training = backend.unet.training
@@ -345,6 +370,9 @@ def train_spm(
     for p in frozen:
         p.requires_grad_(False)
     history, cancelled, t0 = [], False, time.time()
+    if gradient_checkpointing is None:
+        gradient_checkpointing = sum(p.numel() for p in backend.unet.parameters()) >= CHECKPOINTING_FROM_PARAMETERS
+    was_checkpointing = _set_checkpointing(backend.unet, gradient_checkpointing)
     trainer.adapter.attach()
     try:
         if watch is not None:
@@ -367,8 +395,23 @@ def train_spm(
     finally:
         trainer.adapter.detach()
         backend.unet.train(was_training)
+        if was_checkpointing is not None:
+            _set_checkpointing(backend.unet, was_checkpointing)
         for p in frozen:
             p.requires_grad_(True)
     saved_ckpt = trainer.save_checkpoint(ckpt) if (checkpoint_every or cancelled) else None
     path = trainer.save_spm(out_path)
     return TrainResult(path, trainer.step, cancelled, history, time.time() - t0, saved_ckpt)
+
+
+def _set_checkpointing(unet: torch.nn.Module, on: bool) -> bool | None:
+    """Switch a diffusers UNet's gradient checkpointing; returns its previous state (None: the
+    UNet has no such switch, e.g. the WebUI's LDM UNet, and is left as it is)."""
+    if not getattr(unet, "_supports_gradient_checkpointing", False):
+        return None
+    was = bool(unet.is_gradient_checkpointing)
+    if on:
+        unet.enable_gradient_checkpointing()
+    else:
+        unet.disable_gradient_checkpointing()
+    return was

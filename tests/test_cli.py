@@ -259,3 +259,27 @@ def test_inspect_shows_an_spm_without_targets_as_ungated(tmp_path, capsys):
     gated = _small(tmp_path, {"prompts": "cat"}, "y.safetensors")
     assert main(["inspect", str(gated), "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["ungated"] is False
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--resolution", "100"], "multiple of 64"),
+    (["--iterations", "0"], "iterations must be >= 1"),
+    (["--max-denoising-steps", "1"], "max denoising steps >= 2"),
+])
+def test_bench_train_memory_refuses_bad_settings_before_building_anything(capsys, args, message):
+    """The settings are checked in this process, before the child that builds a full-size UNet."""
+    code = main(["bench", "train-memory", "--arch", "sd1", *args])
+    err = capsys.readouterr().err
+    assert code == 2 and err.startswith("error: ") and message in err
+
+
+def test_bench_train_memory_arguments_parse():
+    from lib_spm.bench_memory import check_args
+    from lib_spm.cli import build_parser
+
+    a = build_parser().parse_args(["bench", "train-memory", "--arch", "sdxl", "--compare"])
+    assert (a.arch, a.resolution, a.iterations, a.compare) == ("sdxl", None, 2, True)
+    assert check_args("sdxl", a.resolution, a.iterations, a.max_denoising_steps, a.anchors) == 1024
+    assert check_args("sd1", None, 1, 2, 0) == 512
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["bench", "train-memory", "--arch", "sd3"])

@@ -8,6 +8,7 @@ from typing import Callable
 import pytest
 import torch
 import torch.nn as nn
+from torch.overrides import TorchFunctionMode
 
 from lib_spm import ArchitectureMismatch, GateSettings, Session, SPMRuntimeError, UnresolvedKeysError
 from lib_spm.metadata import Slice
@@ -342,3 +343,74 @@ def test_runtime_errors_are_loud():
     assert torch.equal(module(h), torch.nn.functional.linear(h, module.weight, module.bias))
     with pytest.raises(Exception, match="encoder"):
         Session(model, [(a, 1.0)])  # gating on but nothing to encode concepts with
+
+
+# -- no host synchronisation in the per-layer hooks ------------------------------------------------
+
+HOST_READS = {"item", "tolist", "cpu", "numpy", "nonzero", "__bool__", "__int__", "__float__", "__index__"}
+
+
+class _HostReads(TorchFunctionMode):
+    """Records every tensor operation that reads values back to the host (a device sync on a GPU)."""
+
+    def __init__(self):
+        super().__init__()
+        self.seen: list[str] = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        name = getattr(func, "__name__", "")
+        to_host = name == "to" and args[0].device.type != "cpu" and any(
+            str(a) == "cpu" for a in (*args[1:], *(kwargs or {}).values()))  # CPU to CPU copies nothing
+        if name in HOST_READS or to_host:
+            self.seen.append(name)
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("metric", ["pooled_tokenuni", "clipcos_tokenuni"])
+def test_layer_hooks_never_read_tensor_values(case, world, metric):
+    """Around the session's hook on every adapted layer (a hook before it and one after it), no
+    tensor value is read by the host: the per-layer work only indexes and multiplies."""
+    model, x, t, ctx, enc, a, b, base = world
+    rows = enc.tokens(PROMPTS)
+    rows[3] = None  # one row of unknown text: the gate falls back to the cosine
+    mode = _HostReads()
+    with Session(model, [(a, 1.0), (b, 0.8)], encoder=enc, row_tokens=_rows(rows),
+                 gate=GateSettings(metric=metric)) as s:
+        handles = []
+        for path in s.layer_paths:
+            m = model.get_submodule(path)
+            handles.append(m.register_forward_hook(lambda *_: mode.__enter__() and None, prepend=True))
+            handles.append(m.register_forward_hook(lambda *_: mode.__exit__(None, None, None)))
+        try:
+            out = case.run(model, x, t, ctx)
+        finally:
+            for h in handles:
+                h.remove()
+        probe = _HostReads()
+        with probe:
+            bool(out.any())  # the detector itself sees a host read
+    assert probe.seen == ["__bool__"]
+    assert mode.seen == [], f"per-layer hooks read tensor values: {mode.seen}"
+    assert not torch.equal(out, base)
+
+
+@pytest.mark.parametrize("metric", ["pooled_tokenuni", "clipcos_tokenuni"])
+def test_a_whole_gated_unet_call_runs_where_values_cannot_be_read(case, metric):
+    """On the meta device every host read (``bool``, ``.item()``, ``.cpu()``) raises: gating and
+    the layer hooks of a full UNet call run there, so none of them waits for the device."""
+    model = case.build()
+    x, t, ctx, enc = case.inputs()
+    spm = random_spm(model, ["circle"], rank=2, seed=1, dialect=case.dialect)
+    rows = enc.tokens(PROMPTS)
+    rows[3] = None
+    shape = case.run(model, x, t, ctx).shape
+    model.to("meta")
+    with pytest.raises(Exception):
+        bool(torch.ones(1, device="meta").any())
+    with Session(model, [(spm, 1.0)], encoder=enc, row_tokens=_rows(rows), gate=GateSettings(metric=metric)) as s:
+        kw = {k: {n: v.to("meta") for n, v in d.items()} for k, d in case.extra(B).items()}
+        with torch.no_grad():
+            out = model(x.to("meta"), t.to("meta"), ctx.to("meta"), **kw)
+        out = out.sample if hasattr(out, "sample") else out
+        assert s.last_gates.device.type == "meta" and s.last_gates.shape == (B, 1)
+    assert out.device.type == "meta" and out.shape == shape

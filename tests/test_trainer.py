@@ -190,3 +190,24 @@ def test_v_prediction_is_converted_to_epsilon():
 def test_bad_settings_are_refused(bad):
     with pytest.raises(SPMValueError):
         cfg(**bad)
+
+
+def test_gradient_checkpointing_trains_the_same_spm_and_is_switched_back(tmp_path):
+    """Recomputing activations in backward changes memory, not results; the UNet's own setting
+    is restored afterwards, and tiny UNets train without it by default."""
+    files = []
+    for on in (False, True):
+        backend = sd1_backend()
+        assert not backend.unet.is_gradient_checkpointing
+        seen = []
+        res = train_spm(backend, cfg(iterations=3), tmp_path / f"ckpt_{on}.safetensors", gradient_checkpointing=on,
+                        watch=lambda tr: seen.append(tr.backend.unet.is_gradient_checkpointing))
+        assert set(seen) == {on} and not backend.unet.is_gradient_checkpointing
+        files.append(load_spm(res.spm_path))
+    default = sd1_backend()
+    train_spm(default, cfg(iterations=1), tmp_path / "default.safetensors",
+              watch=lambda tr: seen.append(tr.backend.unet.is_gradient_checkpointing))
+    assert seen[-1] is False  # a tiny UNet: below CHECKPOINTING_FROM_PARAMETERS
+    for key, lw in files[0].layers.items():
+        assert torch.allclose(lw.up, files[1].layers[key].up, atol=1e-6), key
+    assert any(lw.up.abs().max() > 0 for lw in files[1].layers.values())

@@ -232,3 +232,45 @@ def test_loss_points_are_bounded_and_end_at_the_last_step():
     assert len(steps) <= 500 and steps[-1] == 3100 and steps[0] > 100
     assert values[0] == pytest.approx(1.0) and values[-1] == pytest.approx(3.0)
     assert loss_points(5, [0.5, 0.25]) == ([4, 5], [0.5, 0.25])
+
+
+class ModelHost(Host):
+    """A host with a full-size model of ``arch`` loaded on ``device``."""
+
+    def __init__(self, world, root, arch, device):
+        super().__init__(world, root)
+        self.arch, self.device = arch, device
+
+    def model_arch(self):
+        return self.arch
+
+    def device_type(self):
+        return self.device
+
+
+def test_estimate_before_the_run_starts(panel, world, tmp_path):
+    world_text = panel.on_estimate("shapes world quick", 250, 4, 32)
+    # 20 denoising + 6 frozen + 4 x 5 adapter pass-equivalents = 46 per iteration; 0.565 s measured
+    assert world_text.startswith("Estimated duration: about 2:21 (250 iterations × ~46 UNet passes")
+    assert "the shapes world, measured" in world_text
+    sdxl = TrainPanel(ModelHost(world, tmp_path / "x", "sdxl", "cuda"), JobRunner())
+    text = sdxl.on_estimate("civitai: SDXL", 5000, 1, 1024)
+    # 20 + 3 + 4 x 2 = 31 passes x (0.03 s x 1.25 x (1024/512)^2 = 0.15 s) x 5000 = 23250 s
+    assert text.startswith("Estimated duration: about 6:27:30 (5000 iterations × ~31 UNet passes × 0.15 s")
+    assert "SDXL at 1024 px on CUDA, rough, not measured" in text
+    assert "about 1:36:52 " in sdxl.on_estimate("civitai: SDXL", 5000, 1, 512)  # a quarter of the pixels
+    cpu = TrainPanel(ModelHost(world, tmp_path / "y", "sd1", "cpu"), JobRunner())
+    assert "SD1 at 512 px on CPU, measured" in cpu.on_estimate("original: character", 10, 4, 512)
+    for bad in ((0, 1, 1024), ("x", 1, 1024), (10, -1, 1024), (10, 1, None)):
+        assert sdxl.on_estimate("civitai: SDXL", *bad) == ""
+
+
+def test_defaults_follow_the_loaded_architecture(panel, world, tmp_path):
+    assert panel.default_preset() == "shapes world quick"  # the world is none of sd1/sd2/sdxl
+    assert panel.on_preset("original: character", "", "")[-1] == 512  # the preset's own resolution
+    for arch, preset, res in (("sdxl", "civitai: SDXL", 1024), ("sd1", "original: character", 512),
+                              ("sd2", "original: character", 512)):
+        p = TrainPanel(ModelHost(world, tmp_path / arch, arch, "cuda"), JobRunner())
+        assert p.default_preset() == preset
+        assert p.on_preset("original: character", "", "")[-1] == res
+        assert p.on_preset("civitai: SDXL", "", "")[-1] == res  # an SDXL preset on SD1 trains at 512

@@ -26,6 +26,9 @@ class UIHost(Protocol):
     def model_arch(self) -> str | None:
         """``sd1`` / ``sd2`` / ``sdxl`` of the loaded model; None when no model is loaded."""
 
+    def device_type(self) -> str:
+        """``cpu`` / ``cuda`` / ``mps``: where training would run (the Train panel's estimate)."""
+
     def backend(self, resolution: int) -> Backend:
         """The trainer's backend for the loaded model, latents for ``resolution`` pixels square.
 

@@ -47,6 +47,9 @@ class LocalHost:
     def model_arch(self) -> str | None:
         return None  # the world is none of sd1/sd2/sdxl; its SPMs say so by leaving arch unset
 
+    def device_type(self) -> str:
+        return "cpu"  # the shapes world trains on the CPU
+
     def backend(self, resolution: int):
         """The world's trainer backend (with ``decode`` for previews); the world only knows 32 px
         images, whatever ``resolution`` says."""

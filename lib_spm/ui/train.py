@@ -32,6 +32,21 @@ CHECKPOINT_SUFFIX = ".ckpt.safetensors"
 MAX_PLOT_POINTS = 500
 PREVIEW_STEPS, PREVIEW_GUIDANCE = 20, 7.5
 
+# Per-architecture defaults: the resolution each family was trained at (SD2's 768 px v-models
+# also train well at 512), and the preset the panel opens with.
+DEFAULT_RESOLUTION = {"sd1": 512, "sd2": 512, "sdxl": 1024}
+DEFAULT_PRESET = {"sd1": "original: character", "sd2": "original: character", "sdxl": "civitai: SDXL",
+                  None: "shapes world quick"}
+
+# Rough seconds per UNet sample-pass (one latent, forward) for the duration estimate; cost grows
+# with the pixel count. CPU: measured, full-size SD1.5 at 512 px, 7.09 s per batch-2 call on the
+# 2-core dev box (BENCHMARKS.md, runtime). CUDA/MPS: a rough figure for a current GPU in fp16,
+# NOT measured here (no GPU machine yet). SDXL costs about 1.25x SD1 per pixel. The shapes world
+# (no arch): measured, 0.565 s per iteration of its quick recipe (BENCHMARKS.md, training cost).
+SECONDS_PER_PASS_512 = {"cpu": 3.5, "cuda": 0.03, "mps": 0.15}
+ARCH_COST = {"sd1": 1.0, "sd2": 1.0, "sdxl": 1.25}
+WORLD_SECONDS_PER_ITERATION = 0.565
+
 # The recipe fields the panel shows, in the order of on_preset's and on_resume's outputs.
 SHOWN = ("targets", "surrogates", "guidance", "iterations", "lr", "rank", "la_strength", "anchors")
 
@@ -133,6 +148,41 @@ def _clock(seconds: float | None) -> str:
     return f"{s // 3600}:{s // 60 % 60:02d}:{s % 60:02d}" if s >= 3600 else f"{s // 60}:{s % 60:02d}"
 
 
+def passes_per_iteration(cfg_fields: dict) -> float:
+    """Expected UNet sample-pass equivalents of one training iteration (the trainer's recipe):
+    CFG denoising to a uniform step in [1, S-1], the frozen passes, and the adapter's pass whose
+    backward costs about two more (three with gradient checkpointing; counted, to be safe)."""
+    d = TrainConfig(targets=["x"])
+    S = cfg_fields.get("max_denoising_steps", d.max_denoising_steps)
+    B = cfg_fields.get("batch", d.batch)
+    k = cfg_fields.get("anchors", d.anchors) if cfg_fields.get("la_strength", d.la_strength) > 0 else 0
+    return 2 * B * S / 2 + (2 + k) * B + 4 * (1 + k) * B
+
+
+def seconds_per_pass(arch: str | None, device: str, resolution: int) -> float:
+    if arch is None:
+        return WORLD_SECONDS_PER_ITERATION / passes_per_iteration(PRESETS["shapes world quick"].config)
+    per = SECONDS_PER_PASS_512.get(device, SECONDS_PER_PASS_512["cuda"])
+    return per * ARCH_COST.get(arch, 1.0) * (resolution / 512) ** 2
+
+
+def estimate_text(preset: str | None, iterations, anchors, resolution, arch: str | None, device: str) -> str:
+    """One line: the run's rough duration before it starts (the running job's ETA is measured)."""
+    try:
+        its = _number(iterations, "Iterations", integer=True, minimum=1)
+        k = _number(anchors, "Anchor count", integer=True, minimum=0)
+        res = _number(resolution, "Resolution", integer=True, minimum=8)
+    except SPMValueError:
+        return ""
+    fields = {**(PRESETS[preset].config if preset in PRESETS else {}), "anchors": k}
+    passes = passes_per_iteration(fields)
+    per = seconds_per_pass(arch, device, res)
+    model = "the shapes world" if arch is None else f"{arch.upper()} at {res} px on {device.upper()}"
+    source = "measured" if arch is None or device == "cpu" else "rough, not measured"
+    return (f"Estimated duration: about {_clock(its * passes * per)} ({its} iterations × ~{passes:.0f} "
+            f"UNet passes × {per:.3g} s per pass for {model}, {source}); the ETA while it runs is measured.")
+
+
 def status_html(s: JobSnapshot) -> str:
     parts = [f"<b>{esc(s.state)}</b>", f"step {s.step}/{s.total}"]
     if s.losses:
@@ -187,7 +237,19 @@ class TrainPanel:
             targets, surrogates = concepts_text(list(p.targets)), surrogates_text(list(p.targets), p.surrogates)
         defaults = TrainConfig(targets=["x"])
         recipe = [c.get(k, getattr(defaults, k)) for k in SHOWN[2:]]
-        return (p.description, targets, surrogates, *recipe, p.resolution)
+        return (p.description, targets, surrogates, *recipe, self.default_resolution(p.resolution))
+
+    def default_resolution(self, preset_resolution: int) -> int:
+        """The loaded model's native resolution (512 for SD1/SD2, 1024 for SDXL); the preset's
+        where the model is none of them (the shapes world)."""
+        return DEFAULT_RESOLUTION.get(self.host.model_arch(), preset_resolution)
+
+    def default_preset(self) -> str:
+        return DEFAULT_PRESET.get(self.host.model_arch(), next(iter(PRESETS)))
+
+    def on_estimate(self, preset, iterations, anchors, resolution) -> str:
+        device = getattr(self.host, "device_type", lambda: "cpu")()
+        return estimate_text(preset, iterations, anchors, resolution, self.host.model_arch(), device)
 
     def on_resume(self, choice: str | None, *shown) -> tuple | None:
         """The checkpoint's settings for the shown fields (``SHOWN``, then seed and name) and a
@@ -316,7 +378,7 @@ def build(host: UIHost, changed) -> dict:
     from .gradio_compat import update
 
     panel = TrainPanel(host, getattr(host, "jobs", None))
-    first = next(iter(PRESETS))
+    first = panel.default_preset()
     desc, t0, s0, g0, it0, lr0, r0, la0, an0, res0 = panel.on_preset(first, "", "")
 
     def fill_from_checkpoint(choice, *shown_values):
@@ -361,6 +423,7 @@ def build(host: UIHost, changed) -> dict:
         start = gr.Button("Train", variant="primary", elem_id="spm_train_start")
         cancel = gr.Button("Cancel and save", variant="stop", elem_id="spm_train_cancel")
         watch = gr.Button("Show running job", elem_id="spm_train_watch")
+    estimate = gr.Markdown(panel.on_estimate(first, it0, an0, res0), elem_id="spm_train_estimate")
     status = gr.HTML(elem_id="spm_train_status")
     loss = gr.LinePlot(x="step", y="loss", title="Loss", elem_id="spm_train_loss")
     previews = gr.Gallery(label="Previews: before, then after every N steps", columns=4,
@@ -371,6 +434,8 @@ def build(host: UIHost, changed) -> dict:
     outputs = [status, loss, previews, changed]
     preset.change(panel.on_preset, inputs=[preset, targets, surrogates],
                   outputs=[preset_info, *shown, resolution])
+    for box in (preset, iterations, anchors, resolution):
+        box.change(panel.on_estimate, inputs=[preset, iterations, anchors, resolution], outputs=[estimate])
     resume.change(fill_from_checkpoint, inputs=[resume, *shown, seed, name], outputs=[*shown, seed, name, status])
     for event in (refresh_button.click, changed.change):
         event(refresh, inputs=[resume], outputs=[resume])
@@ -381,4 +446,4 @@ def build(host: UIHost, changed) -> dict:
             "iterations": iterations, "lr": lr, "rank": rank, "la_strength": la_strength, "anchors": anchors,
             "resolution": resolution, "seed": seed, "name": name, "checkpoint_every": checkpoint_every,
             "preview_every": preview_every, "preview_prompt": preview_prompt, "resume": resume,
-            "start": start, "cancel": cancel, "watch": watch, "status": status, "loss": loss, "previews": previews}
+            "start": start, "cancel": cancel, "watch": watch, "estimate": estimate, "status": status, "loss": loss, "previews": previews}

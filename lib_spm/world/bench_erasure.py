@@ -75,8 +75,8 @@ def run(n: int = 16, seed: int = 0, finetune_steps: int = 150, weights: str | No
                     "world": {k: v for k, v in world.info.items() if k != "eval"}}
     with tempfile.TemporaryDirectory() as d:
         log("training SPMs: circle, star")
-        circle = train_concept(pipe, "circle", Path(d) / "circle.safetensors", seed=seed, **extra)
-        star = train_concept(pipe, "star", Path(d) / "star.safetensors", seed=seed, **extra)
+        circle = train_concept(pipe, "circle", Path(d) / "circle.safetensors", seed=seed, progress=True, **extra)
+        star = train_concept(pipe, "star", Path(d) / "star.safetensors", seed=seed, progress=True, **extra)
     cache: dict = {}
     cases: dict = {}
     others_c = other_prompts(["circle"])[::others_every]

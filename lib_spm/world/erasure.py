@@ -40,9 +40,16 @@ def other_prompts(exclude: Sequence[str]) -> list[str]:
     return [f"a {c} {s}" for s in data.SHAPES if s not in exclude for c in data.COLOUR_NAMES]
 
 
-def train_concept(pipe: WorldPipeline, concept: str, out: str | Path, *, seed: int = 0, **overrides) -> SPMFile:
+def train_concept(pipe: WorldPipeline, concept: str, out: str | Path, *, seed: int = 0, progress: bool = False,
+                  **overrides) -> SPMFile:
+    """Train an SPM erasing ``concept``; ``progress`` shows steps and ETA on stderr."""
+    from ..progress import Progress
+
     cfg = TrainConfig(targets=[concept], name=f"erase_{concept}", seed=seed, **{**WORLD_RECIPE, **overrides})
-    res = train_spm(world_backend(pipe.world), cfg, out)
+    bar = Progress(f"training erase_{concept}", cfg.iterations) if progress else None
+    res = train_spm(world_backend(pipe.world), cfg, out, on_step=bar.on_train_step if bar else None)
+    if bar:
+        bar.close()
     return load_spm(res.spm_path)
 
 

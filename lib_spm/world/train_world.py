@@ -19,8 +19,10 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
 
+from ..progress import Progress
 from . import data
 from .model import Classifier, WorldTextEncoder, encode_image, new_scheduler, new_unet
+
 
 
 def _ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> None:
@@ -101,6 +103,7 @@ def train_world(out: str | Path, steps: int, *, batch: int = 64, lr: float = 6e-
         log(f"resumed at step {step}")
     ema_unet.requires_grad_(False), ema_te.requires_grad_(False)
     t0, losses = time.time(), []
+    bar = Progress("world train", steps - step)
     while step < steps:
         loss = diffusion_loss(unet, te, *data.batch(rng, batch), acp, loss_w)
         for g in opt.param_groups:
@@ -113,6 +116,7 @@ def train_world(out: str | Path, steps: int, *, batch: int = 64, lr: float = 6e-
         _ema_update(ema_unet, unet, ema_decay if step > warmup else 0.0)
         _ema_update(ema_te.model, te.model, ema_decay if step > warmup else 0.0)
         losses.append(loss.item())
+        bar.advance(note=f"step {step} loss {loss.item():.4f}")
         if step % 50 == 0:
             log(f"step {step} loss {np.mean(losses[-50:]):.4f} {(time.time() - t0) / len(losses):.2f}s/step")
         if step % save_every == 0 or step == steps:

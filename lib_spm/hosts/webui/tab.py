@@ -38,6 +38,13 @@ class WebUIHost:
         except SPMRuntimeError:
             return None
 
+    def device_type(self) -> str:
+        """Where the WebUI computes (``cuda``, ``mps``, ``cpu``), for the Train panel's estimate."""
+        try:
+            return self.ext.webui.module("devices").device.type
+        except (ImportError, AttributeError):
+            return "cpu"
+
     def backend(self, resolution: int):
         from .trainer import WebUIBackend
 
