@@ -352,3 +352,4 @@ def test_an_ungated_spm_is_labelled_where_it_acts(world, tmp_path):
         assert body["info"]["SPM"] == "everything:1" and body["info"]["SPM ungated"] == "everything"
         assert any("no target concepts" in c and "ungated" in c for c in body["comments"])
         assert "ungated" in w.mod.ext().describe(["everything"])
+

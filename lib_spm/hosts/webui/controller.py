@@ -191,15 +191,15 @@ class SPMController:
             self._detach(g)
             return
         key = (id(sd_model), user, g.args.gate())
-        if g.key == key:  # the hires pass, the next batch: same model, same SPMs
-            for a in g.attached:
-                if not a.session.attached:
-                    a.session.attach()
-                    self._arm_probe(a)
-            return
-        self._detach(g)
-        g.attached, g.key = [], None
         try:
+            if g.key == key:  # the hires pass, the next batch: same model, same SPMs
+                for a in g.attached:
+                    if not a.session.attached:
+                        a.session.attach()
+                        self._arm_probe(a)
+                return
+            self._detach(g)
+            g.attached, g.key = [], None
             self._build(g, sd_model, user)
             g.key = key
         except SPMRefusal as e:
