@@ -472,17 +472,19 @@ class SPMController:
         arch = model_arch(sd_model)
         unet = unet_of(sd_model)
         _, tokens, concepts = self._for_model(sd_model)
+        acting: list = []  # the enforced SPMs attached to this UNet
         if self.policy.enforced:
             enforced = self._load_enforced(arch)
-            if not enforced or not self._attach(g, unet, enforced, self.enforced_gate, concepts, tokens, sd_model,
-                                                 enforced=True):
+            if enforced:
+                acting = self._attach(g, unet, enforced, self.enforced_gate, concepts, tokens, sd_model, enforced=True)
+            if not acting:
                 raise ModerationUnavailable(
                     f"{PREFIX}generation refused: none of the enforced SPMs "
                     f"({', '.join(e.name for e in self.policy.enforced)}) fits the loaded {arch} model")
         spms = [(c, s) for c in user if (s := self._load_user(g, c, arch)) is not None]
-        if spms and self.policy.enforced:
-            against = [(c.name, c.strength, s) for c, s in self._load_enforced(arch)]
-            why = opposed(unet, [(c.name, c.strength, s) for c, s in spms], against)
+        if spms and acting:
+            named = lambda pairs: [(c.name, c.strength, s) for c, s in pairs]  # noqa: E731
+            why = opposed(unet, named(spms), named(acting))
             if why:
                 raise SPMRequestError(PREFIX + why)
         if spms:
