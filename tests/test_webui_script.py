@@ -18,6 +18,7 @@ import torch
 
 import miniwebui
 from lib_spm import GateSettings, Session, SPMValueError
+from lib_spm.errors import SPMRequestError
 from lib_spm.hosts.webui.args import SLOTS, ApplyArgs, Choice
 from lib_spm.world.model import load_world
 from spm_helpers import hook_counts, random_spm
@@ -241,9 +242,20 @@ def test_api_args_may_leave_out_trailing_slots(webui):
 
 # -- cleanup --------------------------------------------------------------------------------------
 
-def test_an_error_during_sampling_leaves_nothing_attached(webui):
+def test_an_error_during_sampling_does_not_outlive_the_next_generation(webui):
+    # The WebUI has no hook on failure (and we do not replace p.close): what a failed generation
+    # attached goes when the next one begins, before it calls the UNet.
     with pytest.raises(RuntimeError, match="sampling failed"):
         run(webui, args(("circle", 1.0)), PROMPTS, fail_at_step=1)
+    got, _ = run(webui, args(), PROMPTS)
+    torch.testing.assert_close(got, reference(webui, [], PROMPTS), rtol=0, atol=0)
+    assert hook_counts(webui.unet) == 0
+    assert not webui.mod.ext().controller.attached
+
+
+def test_a_refusal_ends_its_generation_when_it_is_raised(webui):
+    with pytest.raises(SPMRequestError):
+        run(webui, args(("circle", -1e9)), PROMPTS)
     assert hook_counts(webui.unet) == 0
     assert not webui.mod.ext().controller.attached
 

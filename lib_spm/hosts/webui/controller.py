@@ -13,7 +13,11 @@ with the message (``SPMRefusal.status_code``) and show it in the UI. Per generat
     on_cfg_denoiser         controller.on_cfg_denoiser(params)   row texts of the step
     UNet call               guard                                raises the refusal, if any
     post_sample             controller.after_sampling(p)
-    postprocess / p.close   controller.end(p)
+    postprocess             controller.end(p)
+
+A generation that fails ends at the next ``before_process`` (or model change): the WebUI offers
+no hook on failure, and replacing ``p.close`` would be the method replacement we do not do. A
+refusal ends its generation itself, in the guard, just before it raises.
 
 With ``--spm-enforce`` the guard also refuses every UNet call that the enforced SPMs are not
 attached to, and every call in which they did not act (a probe on one of their layers): a
@@ -160,7 +164,6 @@ class SPMController:
             log.exception("checking the SPM arguments failed")
             g.refuse(SPMRequestError(f"{PREFIX}checking the arguments failed: {type(e).__name__}: {e}"))
         self._guard_current()
-        self._chain_close(p)
 
     def set_tags(self, p, params_list, default_strength: float = 1.0) -> None:
         """The ``<spm:...>`` tags of this pass (each call replaces the previous one's)."""
@@ -323,7 +326,9 @@ class SPMController:
     def _on_unet_call(self, module, args, kwargs):
         g = self._gen
         if g is not None and g.refusal is not None:
-            raise g.refusal
+            refusal = g.refusal
+            self._drop()  # the exception ends the request: nothing of it may outlive it
+            raise refusal
         if not self.policy.enforcing or self._trusted:
             return None
         if g is None or not any(a.enforced and a.session.attached and a.session.unet is module for a in g.attached):
@@ -389,21 +394,6 @@ class SPMController:
             self._gen = None
         if not self.policy.enforcing:
             self._unguard()  # a refused generation's guard goes with it
-
-    def _chain_close(self, p) -> None:
-        """Run :meth:`end` when the WebUI closes ``p`` (its ``finally``), on error too."""
-        close = getattr(p, "close", None)
-        if not callable(close) or getattr(close, "_spm_end", False):
-            return
-
-        def closing():
-            try:
-                self.end(p)
-            finally:
-                close()
-
-        closing._spm_end = True
-        p.close = closing
 
     def _skip(self, g: _Generation, name: str, why: str) -> None:
         if name not in g.skipped:
