@@ -24,6 +24,14 @@ def number(value, what: str, lo: float, hi: float) -> float:
     return x
 
 
+def whole(value, what: str, lo: float = -math.inf, hi: float = math.inf) -> int:
+    """A whole number in ``[lo, hi]``: what :func:`number` takes, with no fraction (``3.0`` is 3)."""
+    x = number(value, what, lo, hi)
+    if x != int(x):
+        raise SPMValueError(f"{what} must be a whole number, not {value!r}")
+    return int(x)
+
+
 def _range(lo: float, hi: float) -> str:
     if math.isinf(lo) and math.isinf(hi):
         return "a finite number"

@@ -8,7 +8,9 @@ import torch.nn.functional as F
 from diffusers import DDPMScheduler
 
 from lib_spm import SPMValueError, load_spm
-from lib_spm.trainer import Conditioning, DiffusersBackend, TrainConfig, Trainer, train_spm
+from lib_spm.hosts.diffusers import DiffusersBackend
+from lib_spm.train_config import TrainConfig
+from lib_spm.trainer import Conditioning, Trainer, train_spm
 from models import CTX, ToyEncoder, sdxl_added, tiny_sd1, tiny_sdxl
 from spm_helpers import hook_counts
 
