@@ -33,8 +33,11 @@ def test_number_accepts_ints_floats_and_numeric_strings():
 def test_whole_takes_integral_numbers_only():
     assert [whole(v, "n", 0) for v in (3, 3.0, " 7 ", "1e2")] == [3, 3, 7, 100]
     assert all(type(whole(v, "n")) is int for v in (3.0, "4"))
+    assert whole(2**64 - 1, "n") == whole(str(2**64 - 1), "n") == 2**64 - 1  # exact, not through a float
     for bad, message in [(2.5, "^n must be a whole number, not 2.5$"), ("x", "^n must be a number"),
-                         (-1, "^n must be at least 0, not -1$"), (True, "not bool")]:
+                         (-1, "^n must be at least 0, not -1$"), ("-2", "^n must be at least 0, not '-2'$"),
+                         ("²", "^n must be a number"),
+                         (True, "not bool")]:
         with pytest.raises(SPMValueError, match=message):
             whole(bad, "n", 0)
 
