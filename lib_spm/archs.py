@@ -1,4 +1,6 @@
-"""The Stable Diffusion architectures an SPM can be made for, and how to tell them apart.
+"""The Stable Diffusion architectures an SPM can be made for, and how to tell them apart: the one
+place that answers "what model is this?" (:func:`unet_arch`, :func:`unet_layout`; a file's layers
+through :func:`arch_from_context_dim`).
 
 An SPM's architecture shows in its shapes: the cross-attention ``to_k``/``to_v`` layers read the
 text encoder's width (768 for SD1.x, 1024 for SD2.x, 2048 for SDXL and Pony). The reference
@@ -12,7 +14,7 @@ from typing import NamedTuple
 
 import torch
 
-from .errors import SPMShapeError
+from .errors import SPMKeyError, SPMShapeError
 
 CONTEXT_DIM = {"sd1": 768, "sd2": 1024, "sdxl": 2048}
 
@@ -107,6 +109,7 @@ def reference_unet(arch: str):
 
 
 def arch_from_context_dim(dim: int) -> str | None:
+    """``sd1``/``sd2``/``sdxl`` for the text width a UNet's cross-attention reads; None for others."""
     for arch, d in CONTEXT_DIM.items():
         if d == dim:
             return arch
@@ -126,3 +129,19 @@ def unet_context_dim(unet: torch.nn.Module) -> int | None:
         if name.endswith("attn2.to_k") and isinstance(module, torch.nn.Linear):
             return module.in_features
     return None
+
+
+def unet_arch(unet: torch.nn.Module) -> str | None:
+    """The architecture of a loaded UNet (diffusers or LDM) by its cross-attention text width;
+    None when it has no cross-attention or reads a width none of ours has."""
+    dim = unet_context_dim(unet)
+    return arch_from_context_dim(dim) if dim else None
+
+
+def unet_layout(unet: torch.nn.Module) -> str:
+    """``diffusers`` or ``ldm`` (ldm/sgm, as the WebUI builds it): whose module tree the UNet has."""
+    if all(hasattr(unet, a) for a in ("down_blocks", "mid_block", "up_blocks")):
+        return "diffusers"
+    if all(hasattr(unet, a) for a in ("input_blocks", "middle_block", "output_blocks")):
+        return "ldm"
+    raise SPMKeyError(f"{type(unet).__name__} is neither a diffusers nor an LDM UNet")

@@ -2,7 +2,7 @@
 
 Builds the architecture's reference UNet with random weights (memory does not depend on their
 values), trains a few iterations with the real trainer (:func:`~lib_spm.trainer.train_spm`
-through :class:`~lib_spm.trainer.DiffusersBackend`) on seeded random conditioning, and reports
+through :class:`~lib_spm.hosts.diffusers.DiffusersBackend`) on seeded random conditioning, and reports
 the peak: ``ru_maxrss`` of a fresh child process (so the figure is that run's alone) and, where
 a GPU exists, ``torch.cuda.max_memory_allocated``. ``plain`` turns the memory savers off
 (gradient checkpointing, autocast) to measure what they save.
@@ -64,8 +64,10 @@ def measure(arch: str, resolution: int, iterations: int, max_denoising_steps: in
     from diffusers import UNet2DConditionModel
 
     from . import archs
+    from .hosts.diffusers import DiffusersBackend
     from .progress import Progress
-    from .trainer import DiffusersBackend, TrainConfig, train_spm
+    from .train_config import TrainConfig
+    from .trainer import train_spm
 
     t0 = time.time()
     torch.manual_seed(0)

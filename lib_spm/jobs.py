@@ -22,7 +22,9 @@ import numpy as np
 import torch
 
 from .errors import SPMError, SPMRuntimeError
-from .trainer import Backend, Conditioning, TrainConfig, Trainer, TrainStatus, checkpoint_path, train_spm
+from .schedule import ddim_step, leading_timesteps
+from .train_config import TrainConfig, checkpoint_path
+from .trainer import Backend, Conditioning, Trainer, TrainStatus, train_spm
 
 IDLE, RUNNING, DONE, CANCELLED, FAILED = "idle", "running", "done", "cancelled", "failed"
 FINISHED = (DONE, CANCELLED, FAILED)
@@ -238,7 +240,7 @@ def sample_latents(backend: Backend, prompts: Sequence[str], *, seed: int = 0, s
     acp = backend.alphas_cumprod.float().to(device)
     T, n = acp.shape[0], len(prompts)
     steps = max(1, min(int(steps), T))
-    ts = (torch.arange(steps) * (T // steps) + 1).flip(0).clamp(max=T - 1)  # diffusers "leading", offset 1
+    ts = leading_timesteps(steps, T)
     cond = backend.encode(list(prompts))
     both = Conditioning.cat([backend.encode([""]).repeat(n), cond])
     x = torch.stack([torch.randn(backend.latent_shape, generator=torch.Generator().manual_seed(seed * 100_003 + i))
@@ -246,10 +248,8 @@ def sample_latents(backend: Backend, prompts: Sequence[str], *, seed: int = 0, s
     for i, t in enumerate(ts):
         eps_u, eps_c = backend.predict_eps(torch.cat([x, x]), t.repeat(2 * n).to(device), both).float().chunk(2)
         eps = eps_u + guidance * (eps_c - eps_u)
-        a = acp[t]
         ap = acp[ts[i + 1]] if i + 1 < len(ts) else acp[0]  # DDIM's final alpha without set_alpha_to_one
-        x0 = (x - (1 - a).sqrt() * eps) / a.sqrt()
-        x = ap.sqrt() * x0 + (1 - ap).sqrt() * eps
+        x = ddim_step(x, eps, acp[t], ap)
     return x
 
 

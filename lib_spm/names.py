@@ -20,6 +20,7 @@ from typing import Iterator
 
 import torch.nn as nn
 
+from .archs import unet_layout
 from .errors import SPMKeyError, UnresolvedKeysError
 
 # diffusers ResnetBlock2D child -> LDM ResBlock child
@@ -71,14 +72,6 @@ class LayerName:
 
     def dialects(self) -> tuple[str, str, str]:
         return (self.key, self.ldm_key, self.webui_name)
-
-
-def flavour(unet: nn.Module) -> str:
-    if all(hasattr(unet, a) for a in ("down_blocks", "mid_block", "up_blocks")):
-        return "diffusers"
-    if all(hasattr(unet, a) for a in ("input_blocks", "middle_block", "output_blocks")):
-        return "ldm"
-    raise SPMKeyError(f"{type(unet).__name__} is neither a diffusers nor an LDM UNet")
 
 
 def _cls(m: nn.Module) -> str:
@@ -179,7 +172,7 @@ def _translate(path: str, table: list[tuple[str, str, str]], back: bool) -> str 
 
 def layer_names(unet: nn.Module) -> dict[str, LayerName]:
     """Names in both dialects for every Linear/Conv2d of a UNet, by path."""
-    kind = flavour(unet)
+    kind = unet_layout(unet)
     if kind == "diffusers":
         table = [(d, l, "same") for d, l in _TOP.items()] + list(_pairs_from_diffusers(unet))
     else:

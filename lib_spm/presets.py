@@ -1,4 +1,5 @@
-"""Named training recipes, as data: the published ones, and one that works in the shapes world.
+"""Named training recipes for real models, as data: the published ones. The shapes world's own
+recipe lives with the world (:mod:`lib_spm.world.presets`).
 
 Each number says where it comes from. Sources:
 - "original": the paper's code, Con6924/SPM ``configs/snoopy/{config,prompt}.yaml`` (``pikachu``
@@ -18,10 +19,10 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass, field
+from collections.abc import Mapping
 
 from .errors import SPMValueError
-from .trainer import TrainConfig
-from .world.erasure import WORLD_RECIPE
+from .train_config import TrainConfig
 
 
 @dataclass(frozen=True)
@@ -75,26 +76,22 @@ PRESETS: dict[str, Preset] = {
         "CivitAI's Pony Diffusion V6 XL recipe (rating_explicit -> rating_safe): the SDXL numbers; "
         "CivitAI trained with CLIP skip 2.", _CIVITAI_SDXL, 1024, ("rating_explicit",),
         {"rating_explicit": "rating_safe"}),
-    # lib_spm/world/erasure.py WORLD_RECIPE, measured in BENCHMARKS.md; the world renders 32 px.
-    "shapes world quick": Preset(
-        "What erases a shape in the shipped shapes world in about a minute on a CPU: lr 1e-2, "
-        "erase guidance 5, anchor weight 100, 250 steps.", WORLD_RECIPE, 32, ("circle",)),
 }
 
 
-def preset(name: str) -> Preset:
-    if name not in PRESETS:
-        raise SPMValueError(f"unknown preset {name!r}; presets: {', '.join(PRESETS)}")
-    return PRESETS[name]
+def preset(name: str, table: Mapping[str, Preset] = PRESETS) -> Preset:
+    if name not in table:
+        raise SPMValueError(f"unknown preset {name!r}; presets: {', '.join(table)}")
+    return table[name]
 
 
-def apply_preset(name: str, /, **overrides) -> TrainConfig:
-    """A TrainConfig from a preset, with ``overrides`` (any TrainConfig field) on top.
+def apply_preset(name: str, /, table: Mapping[str, Preset] = PRESETS, **overrides) -> TrainConfig:
+    """A TrainConfig from a preset of ``table``, with ``overrides`` (any TrainConfig field) on top.
 
     ``name`` is positional-only, so ``name=`` sets the SPM's name. The preset's example concept
     fills ``targets``/``surrogates`` only when none are given.
     """
-    p = preset(name)
+    p = preset(name, table)
     fields = copy.deepcopy(p.config)  # the tables stay as written
     if "targets" not in overrides and p.targets:
         fields.update(targets=list(p.targets), surrogates=dict(p.surrogates))

@@ -12,11 +12,10 @@ uninterrupted one.
 
 from __future__ import annotations
 
-import json
 import math
 import time
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Protocol
 
@@ -26,9 +25,16 @@ import torch.nn.functional as F
 from .adapter import TrainableAdapter
 from .errors import SPMValueError
 from .metadata import SPMMetadata
-from .safetensors_io import read_file, read_header, write_file
+from .safetensors_io import read_file, write_file
+from .schedule import leading_timesteps
+from .train_config import (
+    TrainConfig,
+    checkpoint_info,
+    checkpoint_metadata,
+    checkpoint_path,
+    resume_differences,
+)
 
-CHECKPOINT_FORMAT = "sd-webui-spm-train-checkpoint/1"
 # UNets this large (full-size SD: 0.86-2.6 B parameters) train with gradient checkpointing: it
 # cut the peak memory of `bench train-memory` (BENCHMARKS.md); tiny models stay fast without it.
 CHECKPOINTING_FROM_PARAMETERS = 100_000_000
@@ -56,7 +62,8 @@ class Conditioning:
 
 
 class Backend(Protocol):
-    """What the trainer needs from a host. Diffusers models, the WebUI and the shapes world fit it."""
+    """What the trainer needs from a host. Diffusers models (:class:`lib_spm.hosts.diffusers.DiffusersBackend`,
+    also the shapes world's) and the WebUI (:class:`lib_spm.hosts.webui.trainer.WebUIBackend`) fit it."""
 
     unet: torch.nn.Module
     alphas_cumprod: torch.Tensor  # [T], on any device
@@ -66,79 +73,6 @@ class Backend(Protocol):
 
     def predict_eps(self, x: torch.Tensor, t: torch.Tensor, cond: Conditioning) -> torch.Tensor:
         """Noise prediction at (x_t, t); v-prediction models convert v to epsilon here."""
-
-
-class DiffusersBackend:
-    """A diffusers ``UNet2DConditionModel`` with an encode function (SD1/SD2/SDXL, eps or v).
-
-    ``decode`` (latents -> [B, 3, H, W] in [0, 1]), when given, lets a job show previews.
-    """
-
-    def __init__(self, unet, encode: Callable[[list[str]], Conditioning], alphas_cumprod: torch.Tensor,
-                 latent_shape: tuple[int, int, int], prediction_type: str = "epsilon",
-                 decode: Callable[[torch.Tensor], torch.Tensor] | None = None):
-        if prediction_type not in ("epsilon", "v_prediction"):
-            raise SPMValueError(f"unsupported prediction type {prediction_type!r}")
-        self.unet, self._encode, self.decode = unet, encode, decode
-        self.alphas_cumprod = alphas_cumprod.float()
-        self.latent_shape = tuple(latent_shape)
-        self.prediction_type = prediction_type
-
-    def encode(self, prompts):
-        return self._encode(prompts)
-
-    def predict_eps(self, x, t, cond):
-        kw = {"added_cond_kwargs": cond.added} if cond.added is not None else {}
-        out = self.unet(x, t, cond.context, **kw).sample
-        if self.prediction_type == "epsilon":
-            return out
-        a = self.alphas_cumprod.to(x.device)[t].view(-1, 1, 1, 1)
-        return a.sqrt() * out + (1 - a).sqrt() * x  # v -> eps
-
-
-@dataclass
-class TrainConfig:
-    targets: list[str]
-    surrogates: dict[str, str] = field(default_factory=dict)  # concept -> surrogate; default ""
-    templates: list[str] = field(default_factory=lambda: ["{}"])
-    guidance: float = 1.0  # erase guidance g
-    iterations: int = 3000
-    lr: float = 1e-4
-    warmup: int = 50
-    weight_decay: float = 0.01
-    rank: int = 1
-    alpha: float = 1.0
-    la_strength: float = 1000.0
-    anchors: int = 4
-    max_denoising_steps: int = 30
-    denoise_cfg: float = 3.0
-    batch: int = 1
-    seed: int = 0
-    name: str = "spm"
-    description: str = ""
-    arch: str | None = None
-
-    def __post_init__(self):
-        if not self.targets or not all(t.strip() for t in self.targets):
-            raise SPMValueError("give at least one non-empty target concept")
-        if any("{}" not in t for t in self.templates):
-            raise SPMValueError("every prompt template needs a {} for the concept")
-        for name in ("iterations", "rank", "max_denoising_steps", "batch"):
-            if getattr(self, name) < 1:
-                raise SPMValueError(f"{name} must be at least 1")
-        if self.max_denoising_steps < 2:
-            raise SPMValueError("max_denoising_steps must be at least 2")
-        for name in ("lr", "alpha"):
-            if not (0 < getattr(self, name) < math.inf):
-                raise SPMValueError(f"{name} must be a positive number")
-        if self.anchors < 0 or self.la_strength < 0:
-            raise SPMValueError("anchors and la_strength cannot be negative")
-
-    def recipe(self) -> dict:
-        d = asdict(self)
-        for k in ("targets", "surrogates", "name", "description", "arch"):
-            d.pop(k)
-        return d
 
 
 @dataclass
@@ -178,8 +112,7 @@ class Trainer:
         self.opt = torch.optim.AdamW(self.adapter.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
         self.step = 0
         acp = backend.alphas_cumprod.float()
-        n, T = cfg.max_denoising_steps, acp.shape[0]
-        self.timesteps = (torch.arange(n) * (T // n) + 1).flip(0).clamp(max=T - 1)  # diffusers "leading"
+        self.timesteps = leading_timesteps(cfg.max_denoising_steps, acp.shape[0])
         self.acp = acp.to(self.device)
         self._prompts = [(c, tpl) for c in cfg.targets for tpl in cfg.templates]
         self._cond_cache: dict[str, Conditioning] = {}
@@ -290,12 +223,11 @@ class Trainer:
             for name, v in st.items():
                 tensors[f"opt.{i}.{name}"] = torch.as_tensor(v).float().reshape(-1) if name == "step" else v.detach().cpu()
         tensors["rng"] = self.gen.get_state().float()  # bytes as exact floats: SPM I/O admits float dtypes only
-        md = {"format": CHECKPOINT_FORMAT, "step": str(self.step), "config": json.dumps(asdict(self.cfg))}
-        return write_file(path, tensors, md, overwrite=True)
+        return write_file(path, tensors, checkpoint_metadata(self.cfg, self.step), overwrite=True)
 
     def load_checkpoint(self, path: str | Path) -> None:
         tensors, md = read_file(path)
-        saved, _ = _checkpoint_info(path, md)
+        saved, _ = checkpoint_info(path, md)
         diff = resume_differences(self.cfg, saved)
         if diff:
             raise SPMValueError(f"checkpoint was made with other settings: {', '.join(diff)}")
@@ -312,30 +244,6 @@ class Trainer:
         self.opt.load_state_dict(sd)
         self.gen.set_state(tensors["rng"].to(torch.uint8))
         self.step = int(md["step"])
-
-
-def checkpoint_path(out_path: str | Path) -> Path:
-    """Where :func:`train_spm` keeps the checkpoint of the SPM it writes to ``out_path``."""
-    out_path = Path(out_path)
-    return out_path.with_name(out_path.stem + ".ckpt.safetensors")
-
-
-def _checkpoint_info(path: str | Path, md: dict[str, str]) -> tuple[TrainConfig, int]:
-    if md.get("format") != CHECKPOINT_FORMAT:
-        raise SPMValueError(f"{Path(path).name} is not an SPM training checkpoint")
-    return TrainConfig(**json.loads(md["config"])), int(md["step"])
-
-
-def read_checkpoint(path: str | Path) -> tuple[TrainConfig, int]:
-    """The settings and the step of a training checkpoint, from its header alone."""
-    _, md, _ = read_header(path)
-    return _checkpoint_info(path, md)
-
-
-def resume_differences(cfg: TrainConfig, saved: TrainConfig) -> list[str]:
-    """Settings that differ from a checkpoint's (only ``iterations`` may change on resume)."""
-    mine, theirs = asdict(cfg), asdict(saved)
-    return [k for k in mine if k != "iterations" and mine[k] != theirs[k]]
 
 
 def train_spm(

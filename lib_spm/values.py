@@ -7,8 +7,11 @@ range or raises an :class:`~lib_spm.errors.SPMValueError` naming what was wrong.
 from __future__ import annotations
 
 import math
+import re
 
 from .errors import SPMValueError
+
+_DIGITS = re.compile(r"[+-]?[0-9]+")
 
 
 def number(value, what: str, lo: float, hi: float) -> float:
@@ -22,6 +25,22 @@ def number(value, what: str, lo: float, hi: float) -> float:
     if not math.isfinite(x) or not lo <= x <= hi:
         raise SPMValueError(f"{what} must be {_range(lo, hi)}, not {value!r}")
     return x
+
+
+def whole(value, what: str, lo: float = -math.inf, hi: float = math.inf) -> int:
+    """A whole number in ``[lo, hi]``: what :func:`number` takes, with no fraction (``3.0`` is 3).
+    Ints and digit strings stay exact (a seed above 2**53 is not rounded through a float)."""
+    exact = value if isinstance(value, int) and not isinstance(value, bool) else None
+    if isinstance(value, str) and _DIGITS.fullmatch(value.strip()):
+        exact = int(value.strip())
+    if exact is None:
+        x = number(value, what, lo, hi)
+        if x != int(x):
+            raise SPMValueError(f"{what} must be a whole number, not {value!r}")
+        return int(x)
+    if not lo <= exact <= hi:
+        raise SPMValueError(f"{what} must be {_range(lo, hi)}, not {value!r}")
+    return exact
 
 
 def _range(lo: float, hi: float) -> str:

@@ -14,7 +14,8 @@ import torch
 import torch.nn as nn
 from safetensors.torch import save_file
 
-from .names import flavour, spm_layer_paths
+from .archs import unet_layout
+from .names import spm_layer_paths
 
 
 def zoo_state_dict(
@@ -22,7 +23,7 @@ def zoo_state_dict(
     dtype: torch.dtype = torch.float32,
 ) -> dict[str, torch.Tensor]:
     """Random (seeded) weights in the original layout for a diffusers UNet."""
-    if flavour(unet) != "diffusers":
+    if unet_layout(unet) != "diffusers":
         raise ValueError("the original trainer only ever wrote files for diffusers UNets")
     g = torch.Generator().manual_seed(seed)
     sd = {}

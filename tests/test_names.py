@@ -522,3 +522,15 @@ def test_saved_file_loads_in_the_builtin_lora(tag, arch, tmp_path):
 
 def weight_shape_of(fixture_module: dict) -> list[int]:
     return fixture_module["params"]["weight"]
+
+
+def test_one_place_tells_what_a_unet_is():
+    """archs answers for any UNet: its architecture by cross-attention width, its module layout."""
+    from lib_spm.archs import unet_arch, unet_layout
+
+    for tag in TAGS:  # the reference UNets the other tests build too (cached)
+        assert (unet_arch(ref(tag)), unet_layout(ref(tag))) == (ARCH[tag], "diffusers")
+    assert unet_layout(ldm("sd15")) == "ldm" and unet_arch(ldm("sd15")) is None  # widths shrunk: 768 / 64
+    assert unet_arch(tiny_sd1()) is None  # a width none of ours has
+    with pytest.raises(SPMKeyError, match="neither a diffusers nor an LDM UNet"):
+        unet_layout(nn.Linear(2, 2))

@@ -5,10 +5,14 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from diffusers import DDPMScheduler
+from diffusers import DDIMScheduler, DDPMScheduler
 
 from lib_spm import SPMValueError, load_spm
-from lib_spm.trainer import Conditioning, DiffusersBackend, TrainConfig, Trainer, train_spm
+from lib_spm.hosts.diffusers import DiffusersBackend
+from lib_spm.safetensors_io import read_file, write_file
+from lib_spm.schedule import ddim_step, eps_from_v, leading_timesteps
+from lib_spm.train_config import TrainConfig, read_checkpoint
+from lib_spm.trainer import Conditioning, Trainer, train_spm
 from models import CTX, ToyEncoder, sdxl_added, tiny_sd1, tiny_sdxl
 from spm_helpers import hook_counts
 
@@ -190,6 +194,68 @@ def test_v_prediction_is_converted_to_epsilon():
 def test_bad_settings_are_refused(bad):
     with pytest.raises(SPMValueError):
         cfg(**bad)
+
+
+@pytest.mark.parametrize("bad,message", [
+    (dict(iterations=0), "^Iterations must be at least 1, not 0$"),
+    (dict(iterations=2.5), "^Iterations must be a whole number, not 2.5$"),
+    (dict(anchors=-1), "^Anchor count must be at least 0, not -1$"),
+    (dict(lr=-1.0), "^lr must be a positive number, not -1.0$"),
+    (dict(alpha="x"), "^alpha must be a number, not 'x'$"),
+    (dict(guidance=float("nan")), "^Erase guidance must be at least 0"),
+    (dict(seed=-1), "^Seed must be at least 0"),
+    (dict(max_denoising_steps=1), "^Max denoising steps must be at least 2"),
+    (dict(rank=True), "^Rank must be a number, not bool$"),
+])
+def test_the_config_is_the_one_check_of_its_numbers(bad, message):
+    with pytest.raises(SPMValueError, match=message):
+        cfg(**bad)
+
+
+def test_the_config_stores_checked_numbers():
+    c = cfg(iterations=4.0, rank="2", lr=1)
+    assert (c.iterations, c.rank, c.lr) == (4, 2, 1.0)
+    assert type(c.iterations) is int and type(c.rank) is int and type(c.lr) is float
+
+
+def test_a_checkpoint_header_that_cannot_be_read_is_refused_by_name(tmp_path):
+    part = train_spm(sd1_backend(), cfg(iterations=1), tmp_path / "a.safetensors", checkpoint_every=1)
+    tensors, md = read_file(part.checkpoint_path)
+    assert read_checkpoint(part.checkpoint_path) == (cfg(iterations=1), 1)
+    for broken in ({**md, "config": "{"}, {**md, "config": "[]"}, {**md, "step": "x"},
+                   {**md, "config": md["config"].replace('"rank"', '"rang"')}):
+        path = write_file(tmp_path / "broken.ckpt.safetensors", tensors, broken, overwrite=True)
+        with pytest.raises(SPMValueError, match="broken.ckpt.safetensors"):
+            read_checkpoint(path)
+
+
+@pytest.mark.parametrize("steps", [1, 7, 20, 30, 50])
+def test_leading_timesteps_are_diffusers_ddim_leading(steps):
+    sched = DDIMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, steps_offset=1,
+                          timestep_spacing="leading", clip_sample=False, set_alpha_to_one=False)
+    sched.set_timesteps(steps)
+    assert torch.equal(leading_timesteps(steps, 1000), sched.timesteps.long())
+
+
+@pytest.mark.parametrize("prediction", ["epsilon", "v_prediction"])
+def test_ddim_step_and_v_to_eps_follow_diffusers_ddim(prediction):
+    """Our step (after converting v) lands where diffusers' DDIM (eta 0) steps from the same output."""
+    sched = DDIMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, steps_offset=1,
+                          clip_sample=False, set_alpha_to_one=False, prediction_type=prediction)
+    sched.set_timesteps(10)
+    acp = sched.alphas_cumprod
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 4, 8, 8, generator=g)
+    ts = leading_timesteps(10, 1000)
+    for i, t in enumerate(ts):
+        out = torch.randn(2, 4, 8, 8, generator=g)
+        tb = t.repeat(2)
+        eps = out if prediction == "epsilon" else eps_from_v(out, x, acp, tb)
+        a_prev = acp[ts[i + 1]] if i + 1 < len(ts) else acp[0]
+        ours = ddim_step(x, eps, acp[t], a_prev)
+        theirs = sched.step(out, t, x, eta=0.0).prev_sample
+        assert torch.allclose(ours, theirs, atol=1e-4, rtol=1e-4), (prediction, int(t))
+        x = theirs
 
 
 def test_gradient_checkpointing_trains_the_same_spm_and_is_switched_back(tmp_path):

@@ -13,7 +13,7 @@ from lib_spm import load_spm
 from lib_spm.jobs import JobRunner
 from lib_spm.library import SPMLibrary
 from lib_spm.presets import PRESETS
-from lib_spm.trainer import read_checkpoint
+from lib_spm.train_config import read_checkpoint
 from lib_spm.ui.train import NO_RESUME, TrainPanel, concepts_text, loss_points, parse_surrogates, split_concepts
 from lib_spm.world.model import load_world
 from lib_spm.world.pipeline import world_backend

@@ -7,7 +7,7 @@ import math
 import pytest
 
 from lib_spm.errors import SPMValueError
-from lib_spm.values import name_weight, number, parse_name_weights
+from lib_spm.values import name_weight, number, parse_name_weights, whole
 
 
 @pytest.mark.parametrize("value,lo,hi,message", [
@@ -28,6 +28,18 @@ def test_number_refuses_with_the_range_it_wanted(value, lo, hi, message):
 
 def test_number_accepts_ints_floats_and_numeric_strings():
     assert [number(v, "w", -1, 1) for v in (0, 0.5, " -1 ", "1e-1")] == [0.0, 0.5, -1.0, 0.1]
+
+
+def test_whole_takes_integral_numbers_only():
+    assert [whole(v, "n", 0) for v in (3, 3.0, " 7 ", "1e2")] == [3, 3, 7, 100]
+    assert all(type(whole(v, "n")) is int for v in (3.0, "4"))
+    assert whole(2**64 - 1, "n") == whole(str(2**64 - 1), "n") == 2**64 - 1  # exact, not through a float
+    for bad, message in [(2.5, "^n must be a whole number, not 2.5$"), ("x", "^n must be a number"),
+                         (-1, "^n must be at least 0, not -1$"), ("-2", "^n must be at least 0, not '-2'$"),
+                         ("²", "^n must be a number"),
+                         (True, "not bool")]:
+        with pytest.raises(SPMValueError, match=message):
+            whole(bad, "n", 0)
 
 
 def test_name_weight_splits_at_the_last_colon():

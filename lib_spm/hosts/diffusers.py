@@ -1,19 +1,25 @@
 """The diffusers host: the only place that knows how diffusers pipelines lay out batch rows and
-encode prompts. Usage::
+encode prompts, and how a diffusers UNet is called for training. Usage::
 
     spms = [(load_spm("no_cat.safetensors"), 1.0)]
     with SPMPipeline(pipe, spms) as apply:
         images = apply(prompt=["a cat", "a dog"], negative_prompt=["", ""]).images
+
+    backend = DiffusersBackend(pipe.unet, encode, pipe.scheduler.alphas_cumprod, (4, 64, 64))
+    train_spm(backend, TrainConfig(targets=["cat"]), "no_cat.safetensors")
 """
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 
+from ..errors import SPMValueError
+from ..schedule import eps_from_v
 from ..session import GateSettings, Session
 from ..spm_file import SPMFile
+from ..trainer import Conditioning
 
 
 class TextEncoderConcepts:
@@ -92,3 +98,31 @@ class SPMPipeline:
                              guidance_scale=guidance_scale, **kw)
         finally:
             self._rows = None
+
+
+class DiffusersBackend:
+    """The trainer's :class:`~lib_spm.trainer.Backend` for a diffusers ``UNet2DConditionModel`` with
+    an encode function (SD1/SD2/SDXL, eps or v prediction).
+
+    ``decode`` (latents -> [B, 3, H, W] in [0, 1]), when given, lets a job show previews.
+    """
+
+    def __init__(self, unet, encode: Callable[[list[str]], Conditioning], alphas_cumprod: torch.Tensor,
+                 latent_shape: tuple[int, int, int], prediction_type: str = "epsilon",
+                 decode: Callable[[torch.Tensor], torch.Tensor] | None = None):
+        if prediction_type not in ("epsilon", "v_prediction"):
+            raise SPMValueError(f"unsupported prediction type {prediction_type!r}")
+        self.unet, self._encode, self.decode = unet, encode, decode
+        self.alphas_cumprod = alphas_cumprod.float()
+        self.latent_shape = tuple(latent_shape)
+        self.prediction_type = prediction_type
+
+    def encode(self, prompts):
+        return self._encode(prompts)
+
+    def predict_eps(self, x, t, cond):
+        kw = {"added_cond_kwargs": cond.added} if cond.added is not None else {}
+        out = self.unet(x, t, cond.context, **kw).sample
+        if self.prediction_type == "epsilon":
+            return out
+        return eps_from_v(out, x, self.alphas_cumprod, t)

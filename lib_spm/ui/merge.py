@@ -18,7 +18,7 @@ from typing import Callable, Iterator
 
 from ..errors import SPMError, SPMValueError
 from ..library import check_name, human_size
-from ..values import name_weight, number, split_list
+from ..values import name_weight, number, split_list, whole
 from .host import UIHost
 
 EXACT = "Exact (every SPM keeps its own gate)"
@@ -124,13 +124,11 @@ def plan(host: UIHost, names: list[str] | None, weights: str | None, method: str
     out_name = (out_name or "").strip()
     p = MergePlan(inputs, method, None, None, out_name)
     if method == RANK:
-        if rank is None or int(rank) != rank or rank < 1:
-            raise SPMValueError("the rank must be a whole number of at least 1")
-        p.rank = int(rank)
+        p.rank = whole(rank, "the rank", 1)
     elif method == BUDGET:
-        if budget is None or not (0 <= float(budget) < 1):
-            raise SPMValueError("the error budget is a relative error in [0, 1), for example 0.05")
-        p.budget = float(budget)
+        p.budget = number(budget, "the error budget", 0, 1)
+        if p.budget == 1:
+            raise SPMValueError("the error budget must be below 1: a relative error, for example 0.05")
     if method != BAKE:
         p.out_name = check_name(out_name) if out_name else host.library.unique_name(_default_name(names, method))
         if host.library.exists(p.out_name):

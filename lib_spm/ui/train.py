@@ -20,9 +20,9 @@ from typing import TYPE_CHECKING, Callable, Iterator
 
 from ..errors import SPMError, SPMValueError
 from ..jobs import JobRunner, JobSnapshot, PreviewSettings, TrainJob
-from ..presets import PRESETS, apply_preset
-from ..trainer import TrainConfig, read_checkpoint, resume_differences
-from ..values import number
+from ..train_config import TrainConfig, read_checkpoint, resume_differences
+from ..values import number, whole
+from ..world.presets import PRESETS, apply_preset
 
 if TYPE_CHECKING:
     from .host import UIHost
@@ -94,15 +94,6 @@ def surrogates_text(targets: list[str], surrogates: dict[str, str]) -> str:
     return ", ".join(values)
 
 
-def _number(value, label: str, *, integer: bool = False, minimum: float | None = None) -> float | int:
-    x = number(value, label, -math.inf if minimum is None else minimum, math.inf)
-    if integer:
-        if x != int(x):
-            raise SPMValueError(f"{label} must be a whole number, not {value}")
-        x = int(x)
-    return x
-
-
 @dataclass
 class TrainRequest:
     """Inputs checked and turned into what a :class:`TrainJob` takes."""
@@ -169,9 +160,8 @@ def seconds_per_pass(arch: str | None, device: str, resolution: int) -> float:
 def estimate_text(preset: str | None, iterations, anchors, resolution, arch: str | None, device: str) -> str:
     """One line: the run's rough duration before it starts (the running job's ETA is measured)."""
     try:
-        its = _number(iterations, "Iterations", integer=True, minimum=1)
-        k = _number(anchors, "Anchor count", integer=True, minimum=0)
-        res = _number(resolution, "Resolution", integer=True, minimum=8)
+        its, k = whole(iterations, "Iterations", 1), whole(anchors, "Anchor count", 0)
+        res = whole(resolution, "Resolution", 8)
     except SPMValueError:
         return ""
     fields = {**(PRESETS[preset].config if preset in PRESETS else {}), "anchors": k}
@@ -271,24 +261,25 @@ class TrainPanel:
     # -- checking inputs ---------------------------------------------------------------------------
     def request(self, preset, targets, surrogates, guidance, iterations, lr, rank, la_strength, anchors,
                 resolution, seed, name, checkpoint_every, preview_every, preview_prompt, resume) -> TrainRequest:
-        """Everything the inputs say, checked; :class:`SPMValueError` with a clear message otherwise."""
+        """Everything the inputs say, checked; :class:`SPMValueError` with a clear message otherwise.
+
+        The boxes' text becomes numbers here; their ranges are :class:`TrainConfig`'s to check."""
         concepts = split_concepts(targets)
         if not concepts:
             raise SPMValueError("give at least one target concept to erase")
+        anything = (-math.inf, math.inf)
         fields = dict(
             targets=concepts, surrogates=parse_surrogates(surrogates, concepts),
-            guidance=_number(guidance, "Erase guidance", minimum=0),
-            iterations=_number(iterations, "Iterations", integer=True, minimum=1),
-            lr=_number(lr, "Learning rate"), rank=_number(rank, "Rank", integer=True, minimum=1),
-            la_strength=_number(la_strength, "Latent Anchoring strength", minimum=0),
-            anchors=_number(anchors, "Anchor count", integer=True, minimum=0),
-            seed=_number(seed, "Seed", integer=True, minimum=0),
+            guidance=number(guidance, "Erase guidance", *anything),
+            iterations=whole(iterations, "Iterations"), lr=number(lr, "Learning rate", *anything),
+            rank=whole(rank, "Rank"), la_strength=number(la_strength, "Latent Anchoring strength", *anything),
+            anchors=whole(anchors, "Anchor count"), seed=whole(seed, "Seed"),
         )
-        res = _number(resolution, "Resolution", integer=True, minimum=8)  # the host checks its own range
+        res = whole(resolution, "Resolution", 8)  # the host checks its own range
         if res % 8 or res > 4096:
             raise SPMValueError(f"Resolution must be a multiple of 8 up to 4096, not {res}")
-        every = _number(checkpoint_every, "Checkpoint every", integer=True, minimum=0)
-        p_every = _number(preview_every, "Preview every", integer=True, minimum=0)
+        every = whole(checkpoint_every, "Checkpoint every", 0)
+        p_every = whole(preview_every, "Preview every", 0)
         name = (name or "").strip()
         if not name:
             raise SPMValueError("give the SPM a name (its file name in the SPM folder)")

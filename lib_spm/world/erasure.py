@@ -17,7 +17,8 @@ import torch
 
 from ..session import GateSettings
 from ..spm_file import SPMFile, load_spm
-from ..trainer import TrainConfig, train_spm
+from ..train_config import TrainConfig
+from ..trainer import train_spm
 from . import data
 from .pipeline import WorldPipeline, prompt_labels, world_backend
 

@@ -99,7 +99,8 @@ def accuracy(pipe: WorldPipeline, prompts: Sequence[str], n: int = 16, seed: int
 
 def world_backend(world: World):
     """The trainer's backend for the shapes world (SD1-style conditioning, epsilon prediction)."""
-    from ..trainer import Conditioning, DiffusersBackend
+    from ..hosts.diffusers import DiffusersBackend
+    from ..trainer import Conditioning
     from .model import SCHEDULE
 
     sched = new_scheduler()

@@ -153,7 +153,7 @@ def shot(page, res: Result, shots: Path, name: str) -> None:
 # -- the flow --------------------------------------------------------------------------------------
 
 def flow(page, res: Result, shots: Path, url: str) -> None:
-    from lib_spm.presets import PRESETS
+    from lib_spm.world.presets import PRESETS
 
     with res.step("open the tab"):
         page.goto(url, wait_until="domcontentloaded")

@@ -26,21 +26,13 @@ def conditioning_of(args: tuple, kwargs: dict) -> torch.Tensor:
     return ctx
 
 
-def flagged_arch(sd_model) -> str | None:
-    """``sdxl``/``sd2``/``sd1`` from the flags ``sd_models.set_model_type`` sets; None without one."""
+def model_arch(sd_model) -> str | None:
+    """The loaded model's architecture: the flags ``sd_models.set_model_type`` sets, else what
+    :func:`lib_spm.archs.unet_arch` reads from its UNet."""
     for attr, arch in (("is_sdxl", "sdxl"), ("is_sd2", "sd2"), ("is_sd1", "sd1")):
         if getattr(sd_model, attr, False) is True:
             return arch
-    return None
-
-
-def model_arch(sd_model) -> str | None:
-    """The loaded model's architecture: its WebUI flags, else its UNet's context width."""
-    arch = flagged_arch(sd_model)
-    if arch is not None:
-        return arch
-    dim = archs.unet_context_dim(unet_of(sd_model))
-    return archs.arch_from_context_dim(dim) if dim else None
+    return archs.unet_arch(unet_of(sd_model))
 
 
 def model_kind(sd_model) -> str:

@@ -27,6 +27,7 @@ import contextlib
 import torch
 
 from ...errors import SPMRuntimeError, SPMShapeError, SPMValueError
+from ...schedule import eps_from_v
 from ...trainer import Conditioning
 from .gateway import webui
 from .model import model_kind, unet_of
@@ -103,8 +104,7 @@ class WebUIBackend:
         out = out.float()
         if self.parameterization == "eps":
             return out
-        a = self.alphas_cumprod[t].view(-1, 1, 1, 1)
-        return a.sqrt() * out + (1 - a).sqrt() * x.float()  # v -> eps
+        return eps_from_v(out, x.float(), self.alphas_cumprod, t)
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """Latents -> [B, 3, H, W] in [0, 1] through the WebUI's VAE."""
