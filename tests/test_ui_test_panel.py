@@ -74,3 +74,16 @@ def test_api_body_is_checked_field_by_field(host):
                           ({"prompts": ["x"], "spms": ["circle"], "ft": "maybe"}, "true or false")]:
         with pytest.raises(SPMValueError, match=message):
             test_panel.api(host, body)
+
+
+def test_render_marks_enforced_columns_and_lists_what_was_skipped():
+    from lib_spm.gate_report import GateReport, GateValue, Part
+
+    rep = GateReport(["a red circle"], [[Part("", "a red circle")]], [[1]],
+                     [GateValue(0, 0, None, "nsfw", "nsfw", True, 0.25), GateValue(0, 0, None, "mine", "mine", False, 1.0)],
+                     {"nsfw": GateSettings(), "mine": GateSettings(enabled=False)}, {"old": "it is for sdxl"})
+    out = test_panel.render(rep)
+    assert "<th>&#128274; nsfw</th><th>mine</th>" in out and "enforced by the operator" in out
+    assert shown_gates(out) == [0.25, 1.0] and "mine: FT off" in out and "old: it is for sdxl" in out
+    rep.values = [v for v in rep.values if not v.enforced]
+    assert "enforced by the operator" not in test_panel.render(rep)

@@ -154,7 +154,8 @@ def render(rep: GateReport, note: str = "") -> str:
     extra = "".join(f"<li class='spm-bad'>{html.escape(n)}: {html.escape(w)}</li>" for n, w in rep.skipped.items())
     out = (f"<table class='spm-test'><thead><tr><th>Prompt</th><th>Row</th>{head}</tr></thead>"
            f"<tbody>{''.join(body)}</tbody></table>" if labels else "")
-    out += f"<p class='spm-test-note'>Gate settings: {settings or '(none)'}. &#128274; enforced by the operator.</p>"
+    legend = " &#128274; enforced by the operator." if enforced else ""
+    out += f"<p class='spm-test-note'>Gate settings: {settings or '(none)'}.{legend}</p>"
     if note:
         out += f"<p class='spm-test-note'>{html.escape(note)}</p>"
     if extra:

@@ -49,8 +49,11 @@ assert all(info.section == ("spm", "Concept erasure (SPM)") for info in labels.v
 (tab, title, elem_id), = modules.script_callbacks.fire("ui_tabs")[0]
 assert isinstance(tab, gr.Blocks) and (title, elem_id) == ("SPM", "spm")
 ids = {getattr(b, "elem_id", None) for b in tab.blocks.values()}
-for need in ("spm_train_start", "spm_manage_table", "spm_merge_run", "spm_library_changed"):
+for need in ("spm_train_start", "spm_manage_table", "spm_merge_run", "spm_library_changed",
+             "spm_test_run", "spm_test_table", "spm_test_spms", "spm_test_no_images"):
     assert need in ids, need
+no_images = next(b.value for b in tab.blocks.values() if getattr(b, "elem_id", None) == "spm_test_no_images")
+assert "Gates only in the WebUI" in no_images, no_images  # the WebUI's Test panel says it makes no images
 mod.ext().shutdown()
 
 # an operator's locked server: the enforced SPMs shown locked, the tab read-only (no handler writes)
@@ -65,7 +68,9 @@ assert any("Always applied" in h and "circle:1" in h for h in html), html
 (tab, _, _), = modules.script_callbacks.fire("ui_tabs")[0]
 ids = {getattr(b, "elem_id", None) for b in tab.blocks.values()}
 assert "spm_manage_table" in ids and "spm_read_only" in ids, ids
-for gone in ("spm_train_start", "spm_merge_run", "spm_manage_rename", "spm_manage_delete", "spm_manage_save"):
+assert "spm_test_locked" in ids, ids  # the Test panel is off under lockdown, and says why
+for gone in ("spm_train_start", "spm_merge_run", "spm_manage_rename", "spm_manage_delete", "spm_manage_save",
+             "spm_test_run", "spm_test_table"):
     assert gone not in ids, gone
 out["ok"] = True
 mod.ext().shutdown()
