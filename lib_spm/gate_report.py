@@ -18,14 +18,17 @@ this returns, but the caller must hold the model so no generation runs meanwhile
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
-from typing import Protocol, Sequence
+from typing import TYPE_CHECKING, Protocol, Sequence
 
 import torch
 import torch.nn as nn
 
 from .errors import ArchitectureMismatch, SPMKeyError, SPMShapeError, SPMValueError, UnresolvedKeysError
-from .session import ConceptEncoder, GateSettings, Session
+from .session import GateSettings, Session
 from .spm_file import SPMFile
+
+if TYPE_CHECKING:  # gating may move out of session.py; only Session and GateSettings are promised there
+    from .session import ConceptEncoder
 
 MAX_PROMPTS = 32
 MAX_PROMPT_CHARS = 4000

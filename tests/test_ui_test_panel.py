@@ -80,7 +80,8 @@ def test_render_marks_enforced_columns_and_lists_what_was_skipped():
     from lib_spm.gate_report import GateReport, GateValue, Part
 
     rep = GateReport(["a red circle"], [[Part("", "a red circle")]], [[1]],
-                     [GateValue(0, 0, None, "nsfw", "nsfw", True, 0.25), GateValue(0, 0, None, "mine", "mine", False, 1.0)],
+                     [GateValue(0, 0, None, "nsfw", "nsfw", True, 0.25),
+                      GateValue(0, 0, None, "mine", "mine", False, 1.0)],
                      {"nsfw": GateSettings(), "mine": GateSettings(enabled=False)}, {"old": "it is for sdxl"})
     out = test_panel.render(rep)
     assert "<th>&#128274; nsfw</th><th>mine</th>" in out and "enforced by the operator" in out

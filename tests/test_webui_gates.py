@@ -55,7 +55,8 @@ def runtime_gate(w, text, gate=GateSettings()):
 
 
 def gate_of(out, spm, prompt, part):
-    (g,) = [g["gate"] for g in out["gates"] if (g["spm"], g["prompt"], g["part"], g["chunk"]) == (spm, prompt, part, None)]
+    key = (spm, prompt, part, None)
+    (g,) = [g["gate"] for g in out["gates"] if (g["spm"], g["prompt"], g["part"], g["chunk"]) == key]
     return g
 
 

@@ -10,16 +10,19 @@ from __future__ import annotations
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol, Sequence
+from typing import TYPE_CHECKING, Protocol, Sequence
 
 import torch.nn as nn
 
 from ..gate_report import PromptRows
 from ..jobs import JobRunner
 from ..library import SPMLibrary
-from ..session import ConceptEncoder, GateSettings
+from ..session import GateSettings
 from ..spm_file import SPMFile
 from ..trainer import Backend
+
+if TYPE_CHECKING:
+    from ..session import ConceptEncoder
 
 
 @dataclass(frozen=True)
