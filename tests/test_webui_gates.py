@@ -61,7 +61,7 @@ def gate_of(out, spm, prompt, part):
 
 
 def test_the_route_reports_each_and_part_and_edit_as_the_runtime_gates_it(webui):
-    prompts = ["a red circle AND a blue square:0.5", "[a green star:a red circle:2]"]
+    prompts = ["a red circle AND a blue square:0.5", "[a green star:a red circle:2]<spm:star:1>"]
     out = webui.post({"prompts": prompts, "spms": ["circle"]})
     parts = [[(p["label"], p["text"]) for p in q["parts"]] for q in out["prompts"]]  # texts as the WebUI encodes them
     assert parts == [[("AND 1", "a red circle"), ("AND 2 (weight 0.5)", " a blue square")],
@@ -72,7 +72,8 @@ def test_the_route_reports_each_and_part_and_edit_as_the_runtime_gates_it(webui)
     assert gate_of(out, "circle", 0, 0) == 1.0 > gate_of(out, "circle", 0, 1)
     assert gate_of(out, "circle", 1, 1) == 1.0 > gate_of(out, "circle", 1, 0)
     assert out["settings"] == {"circle": {"ft": True, "factor": 1.0, "metric": "pooled_tokenuni"}}
-    assert "AND part" in out["note"]
+    assert "AND part" in out["note"] and "tags" in out["note"]
+    assert [g["spm"] for g in out["gates"]] == ["circle"] * 4  # a tag chooses no SPM here
     webui.modules.call_queue.queue_lock.acquire(timeout=1)  # the route let the model go again
     webui.modules.call_queue.queue_lock.release()
 

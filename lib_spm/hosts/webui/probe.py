@@ -1,6 +1,8 @@
 """Prompts as the WebUI turns them into rows, for the Test panel and ``/spm/v1/gates``.
 
-The WebUI's own ``prompt_parser`` splits ``AND`` and schedules prompt editing; each row is encoded
+Extra-network tags (``<lora:...>``, ``<spm:...>``) are taken out by the WebUI's own
+``extra_networks.parse_prompt``, as before encoding at generation (tags do not choose SPMs here:
+the panel's list does). The WebUI's ``prompt_parser`` splits ``AND`` and schedules prompt editing; each row is encoded
 by ``sd_model.get_learned_conditioning`` (its 75-token chunks concatenated, as the UNet receives
 them) and tokenized by :class:`~.rows.PromptTokens` (chunks filled to 75, as ``WebUIRows`` hands
 rows to the runtime). Images are not made here: the WebUI generates through txt2img's processing,
@@ -18,8 +20,9 @@ from ...gate_report import Part
 from .rows import CHUNK, PromptTokens
 
 STEPS = 20  # prompt editing is shown at this many sampling steps
-NOTE = (f"Rows as the WebUI makes them: each AND part, prompt editing at {STEPS} steps. Textual-inversion "
-        "embeddings count as placeholder tokens, as at generation.")
+NOTE = (f"Rows as the WebUI makes them: each AND part, prompt editing at {STEPS} steps, extra-network tags "
+        "removed (they choose no SPM here). Textual-inversion embeddings count as placeholder tokens, as at "
+        "generation.")
 NO_IMAGES = ("Gates only in the WebUI: its images come from txt2img/img2img, which this panel does not run. "
              "Compare at a fixed seed with the SPM accordion on and off.")
 
@@ -29,10 +32,12 @@ class WebUIPromptRows:
 
     chunk = CHUNK
 
-    def __init__(self, sd_model, tokens: PromptTokens, parser, autocast=contextlib.nullcontext):
-        self.sd_model, self.tokens, self.parser, self.autocast = sd_model, tokens, parser, autocast
+    def __init__(self, sd_model, tokens: PromptTokens, parser, networks, autocast=contextlib.nullcontext):
+        self.sd_model, self.tokens, self.parser, self.networks = sd_model, tokens, parser, networks
+        self.autocast = autocast
 
     def parts(self, prompt: str) -> list[Part]:
+        prompt, _ = self.networks.parse_prompt(prompt)
         (image,), flat, _ = self.parser.get_multicond_prompt_list([prompt])
         out = []
         for j, (i, weight) in enumerate(image):

@@ -111,7 +111,8 @@ class WebUIHost:
         with module("call_queue").queue_lock:
             sd_model = self._model()
             tokens = PromptTokens(sd_model)
-            rows = WebUIPromptRows(sd_model, tokens, module("prompt_parser"), module("devices").autocast)
+            rows = WebUIPromptRows(sd_model, tokens, module("prompt_parser"), module("extra_networks"),
+                                   module("devices").autocast)
             yield GateProbe(unet_of(sd_model), WebUIConcepts(sd_model, tokens=tokens), rows, NOTE)
 
     def images_unavailable(self) -> str | None:
