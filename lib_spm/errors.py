@@ -76,3 +76,9 @@ class ModerationUnavailable(SPMRefusal):
     model): nothing may be generated. The server's configuration, not the client's request."""
 
     status = 503
+
+
+class SPMForbidden(SPMRefusal):
+    """The operator's settings do not allow this request here (``--spm-lockdown``)."""
+
+    status = 403

@@ -3,7 +3,7 @@
 - "Concept erasure (SPM)" accordion in txt2img/img2img (an always-on script), API args included
 - ``<spm:name:strength>`` prompt tags and their extra-network cards
 - infotext written and pasted back, an XYZ plot axis, settings, ``/spm/v1/*`` API routes
-- the SPM tab (Train / Manage / Merge)
+- the SPM tab (Train / Manage / Merge / Test)
 """
 
 from __future__ import annotations
@@ -161,6 +161,12 @@ def on_ui_tabs():
 def on_app_started(demo, app):
     deps = extension.api_auth_dependency(shared.cmd_opts)
     app.add_api_route("/spm/v1/models", lambda: ext().api_list(), methods=["GET"], dependencies=deps)
+    app.add_api_route("/spm/v1/gates", gates_route, methods=["POST"], dependencies=deps)
+
+
+def gates_route(body: dict):
+    """The Test panel's table: ``{"prompts": [...], "spms": [...], "ft", "factor", "metric"}``."""
+    return extension.answer(lambda: ext().api_gates(body))
 
 
 script_callbacks.on_before_ui(on_before_ui)

@@ -52,6 +52,9 @@ def unload():
         sys.path.remove(str(STUB))
     for name in [n for n in sys.modules if n == "modules" or n.startswith("modules.")]:
         del sys.modules[name]
+    stub_fastapi = sys.modules.get("fastapi")
+    if stub_fastapi is not None and str(STUB) in str(getattr(stub_fastapi, "__file__", "")):
+        del sys.modules["fastapi"]  # the stand-in's, not a real FastAPI another test may import
 
 
 class LdmStyle:

@@ -8,12 +8,32 @@ through it).
 from __future__ import annotations
 
 from contextlib import AbstractContextManager
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol, Sequence
 
+import torch.nn as nn
+
+from ..gate_report import PromptRows
 from ..jobs import JobRunner
 from ..library import SPMLibrary
+from ..session import GateSettings
+from ..spm_file import SPMFile
 from ..trainer import Backend
+
+if TYPE_CHECKING:
+    from ..session import ConceptEncoder
+
+
+@dataclass(frozen=True)
+class GateProbe:
+    """What the Test panel scores prompts with: the loaded model's UNet, its concept encoder and
+    the host's way of turning a prompt into rows (``AND`` parts, chunks)."""
+
+    unet: nn.Module
+    encoder: ConceptEncoder
+    rows: PromptRows
+    note: str = ""  # what the host's rows do not model, shown under the table
 
 
 class UIHost(Protocol):
@@ -52,3 +72,21 @@ class UIHost(Protocol):
 
     def checkpoint_dir(self) -> Path:
         """Where baked checkpoints are written (never over an existing file)."""
+
+    def gate_defaults(self) -> GateSettings:
+        """The gate settings a generation uses unless the user changes them (the accordion's defaults)."""
+
+    def enforced(self) -> list[tuple[str, float, GateSettings]]:
+        """The operator's enforced SPMs (name, strength) and the gate they act with; empty when none."""
+
+    def gate_probe(self) -> AbstractContextManager[GateProbe]:
+        """The loaded model held for scoring prompts: no generation or job runs meanwhile, since
+        the report attaches (and detaches) hooks on the UNet while it scores."""
+
+    def images_unavailable(self) -> str | None:
+        """Why the Test panel shows gates only, or None when :meth:`test_images` makes images."""
+
+    def test_images(self, prompts: Sequence[str], spms: Sequence[tuple[SPMFile, float]], gate: GateSettings,
+                    seed: int) -> list[tuple[object, object]] | None:
+        """Per prompt, images (``[H, W, 3]`` uint8 arrays) without and with ``spms`` for ``seed``;
+        None where the host cannot generate them cleanly (the Test panel then shows gates only)."""

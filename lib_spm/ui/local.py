@@ -11,8 +11,11 @@ import threading
 from contextlib import contextmanager
 from pathlib import Path
 
+from ..gate_report import Part
 from ..jobs import JobRunner
 from ..library import SPMLibrary
+from ..session import GateSettings
+from .host import GateProbe
 
 log = logging.getLogger(__name__)
 
@@ -78,6 +81,42 @@ class LocalHost:
     def progress(self, done: int, total: int, text: str) -> None:
         log.debug("%d/%d %s", done, total, text)
 
+    # -- the Test panel --------------------------------------------------------------------------
+    def gate_defaults(self) -> GateSettings:
+        return GateSettings()  # what WorldPipeline applies unless told otherwise
+
+    def enforced(self) -> list:
+        return []  # no operator here
+
+    @contextmanager
+    def gate_probe(self):
+        """The world under the job slot: a training job's hooks and the report's never meet."""
+        with self._job:
+            world = self.world
+            yield GateProbe(world.unet, world.text_encoder, WorldRows(world.text_encoder),
+                            note="The shapes world encodes one 77-token chunk per prompt and has no AND: "
+                                 "one row per prompt.")
+
+    def images_unavailable(self) -> str | None:
+        return None
+
+    def test_images(self, prompts, spms, gate: GateSettings, seed: int):
+        """32 px world images (shown 4x, nearest) without and with the SPMs, same noise."""
+        import torch
+
+        from ..world.pipeline import WorldPipeline
+
+        with self._job:
+            pipe = WorldPipeline(self.world)
+            before = pipe.generate(list(prompts), seed=seed)
+            with pipe.applied(list(spms), gate):
+                after = pipe.generate(list(prompts), seed=seed)
+
+        def pixels(img: torch.Tensor):
+            return (img.permute(1, 2, 0) * 255).round().byte().repeat_interleave(4, 0).repeat_interleave(4, 1).numpy()
+
+        return [(pixels(b), pixels(a)) for b, a in zip(before, after)]
+
     # -- checkpoints -----------------------------------------------------------------------------
     def checkpoints(self) -> dict[str, Path]:
         folder = self._checkpoint_dir
@@ -88,3 +127,22 @@ class LocalHost:
 
     def checkpoint_dir(self) -> Path:
         return self._checkpoint_dir
+
+
+class WorldRows:
+    """PromptRows of :class:`~lib_spm.world.pipeline.WorldPipeline`: a row per prompt, its
+    encoding and token list exactly as the pipeline hands them to the UNet and the session."""
+
+    chunk = 77
+
+    def __init__(self, text_encoder):
+        self.te = text_encoder
+
+    def parts(self, prompt: str) -> list[Part]:
+        return [Part("", prompt)]
+
+    def conditioning(self, text: str):
+        return self.te.encode([text])
+
+    def row_tokens(self, text: str) -> tuple[int, ...]:
+        return tuple(self.te.tokens([text])[0])

@@ -4,7 +4,7 @@
 
 Trains an SPM on the shapes world for a few steps, watches the status and the loss plot, finds the
 file in Manage, compresses it in Merge, renames it (a hostile name first), deletes it through the
-confirm dialog. Every step is written to the result JSON as it ends, so a failure says where;
+confirm dialog, and shows the remaining file's gates for two prompts in the Test panel. Every step is written to the result JSON as it ends, so a failure says where;
 the exit code is 0 only when every step passed. Every wait has a timeout: nothing hangs.
 """
 
@@ -228,6 +228,23 @@ def flow(page, res: Result, shots: Path, url: str) -> None:
         if len(res.data["dialogs"]) != dialogs + 1 or "circle_renamed" not in res.data["dialogs"][-1]:
             raise AssertionError(f"no confirm dialog naming the file: {res.data['dialogs']}")
         res.data["notes"]["delete_message"] = page.evaluate(_TEXT_JS, "spm_manage_message").strip()
+
+    with res.step("test: gates per prompt, before/after images"):
+        open_tab(page, "Test")
+        choose(page, "spm_test_spms", "circle_small")
+        field(page, "spm_test_prompts").fill("a red circle\na blue square")
+        page.locator("#spm_test_images input").check()
+        page.locator("#spm_test_run").click()
+        page.wait_for_function("() => document.querySelectorAll('#spm_test_table td[data-gate]').length === 2",
+                               timeout=TRAIN_MS)
+        gates = page.locator("#spm_test_table td[data-gate]").evaluate_all(
+            "cells => cells.map(c => [c.dataset.gate, c.innerText.trim()])")
+        res.data["notes"]["test_gates"] = gates
+        page.wait_for_function("() => document.querySelectorAll('#spm_test_gallery img').length >= 4",
+                               timeout=TRAIN_MS)
+        res.data["notes"]["test_images"] = page.locator("#spm_test_gallery img").count()
+        res.data["notes"]["test_table"] = page.evaluate(_TEXT_JS, "spm_test_table").strip()
+        shot(page, res, shots, "test")
 
 
 if __name__ == "__main__":

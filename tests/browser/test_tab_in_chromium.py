@@ -1,5 +1,5 @@
 """The SPM tab in a real browser: gradio 3.41.2 serves it on the shapes world (``python -m lib_spm ui``)
-from .venv-ui, and Playwright drives Debian's Chromium through train, manage and merge (drive.py).
+from .venv-ui, and Playwright drives Debian's Chromium through train, manage, merge and test (drive.py).
 
 Both run as subprocesses of .venv-ui's Python, since gradio 3.41 cannot share the main venv.
 Missing .venv-ui or Chromium fails the test (``make ui-env`` builds both); developers without
@@ -116,13 +116,19 @@ def test_train_manage_merge_rename_delete_in_chromium(ui_env, tmp_path):
         _stop(server)
 
     steps = [s["name"] for s in result["steps"] if s["ok"]]
-    assert len(steps) == 7 and all(s["ok"] for s in result["steps"]), report
+    assert len(steps) == 8 and all(s["ok"] for s in result["steps"]), report
     files = sorted(p.relative_to(spm_dir).as_posix() for p in spm_dir.rglob("*") if p.is_file())
     assert "circle_small.safetensors" in files, files
     assert not any(f.startswith(("circle_test", "circle_renamed")) for f in files), files  # sidecars too
     assert not (tmp_path / "x.safetensors").exists()  # "../x" was refused, not written beside the folder
     assert "'..'" in result["notes"]["hostile_message"] or ".." in result["notes"]["hostile_message"]
     assert "circle_renamed" in result["dialogs"][-1]
+    # the Test panel: one gate per prompt, shown as the table's text; the target opens it fully
+    (target, shown_t), (other, shown_o) = result["notes"]["test_gates"]
+    assert float(target) == 1.0 and shown_t == "1.00", result["notes"]
+    assert 0.0 <= float(other) < float(target) and shown_o == f"{float(other):.2f}", result["notes"]
+    assert "a red circle" in result["notes"]["test_table"] and "circle_small" in result["notes"]["test_table"]
+    assert result["notes"]["test_images"] >= 4  # without/with for each prompt
     shots_taken = {Path(p).name for p in result["screenshots"]}
-    assert {"train.png", "manage.png", "merge.png"} <= shots_taken, shots_taken
+    assert {"train.png", "manage.png", "merge.png", "test.png"} <= shots_taken, shots_taken
     print(f"\nbrowser flow: {json.dumps({s['name']: s['seconds'] for s in result['steps']})}", file=sys.stderr)

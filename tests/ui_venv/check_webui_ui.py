@@ -49,8 +49,27 @@ assert all(info.section == ("spm", "Concept erasure (SPM)") for info in labels.v
 (tab, title, elem_id), = modules.script_callbacks.fire("ui_tabs")[0]
 assert isinstance(tab, gr.Blocks) and (title, elem_id) == ("SPM", "spm")
 ids = {getattr(b, "elem_id", None) for b in tab.blocks.values()}
-for need in ("spm_train_start", "spm_manage_table", "spm_merge_run", "spm_library_changed"):
+for need in ("spm_train_start", "spm_manage_table", "spm_merge_run", "spm_library_changed",
+             "spm_test_run", "spm_test_table", "spm_test_spms", "spm_test_no_images"):
     assert need in ids, need
+no_images = next(b.value for b in tab.blocks.values() if getattr(b, "elem_id", None) == "spm_test_no_images")
+assert "Gates only in the WebUI" in no_images, no_images  # the WebUI's Test panel says it makes no images
+
+# /spm/v1/gates served by a real FastAPI app over HTTP: the table, and 422 with the reason
+from fastapi import FastAPI  # noqa: E402
+from fastapi.testclient import TestClient  # noqa: E402
+
+app = FastAPI()
+modules.script_callbacks.fire("app_started", None, app)
+client = TestClient(app)
+r = client.post("/spm/v1/gates", json={"prompts": ["a red circle", "a blue square"], "spms": ["circle"]})
+assert r.status_code == 200, r.text
+out["api_gates"] = [g["gate"] for g in r.json()["gates"]]
+assert out["api_gates"][0] == 1.0 > out["api_gates"][1], out
+for body, why in [({"prompts": [], "spms": ["circle"]}, "at least one prompt"), (["a circle"], ""),
+                  ({"prompts": ["a circle"], "spms": ["../x"]}, "..")]:
+    r = client.post("/spm/v1/gates", json=body)
+    assert r.status_code == 422 and why in json.dumps(r.json()["detail"]), (body, r.status_code, r.text)
 mod.ext().shutdown()
 
 # an operator's locked server: the enforced SPMs shown locked, the tab read-only (no handler writes)
@@ -65,8 +84,14 @@ assert any("Always applied" in h and "circle:1" in h for h in html), html
 (tab, _, _), = modules.script_callbacks.fire("ui_tabs")[0]
 ids = {getattr(b, "elem_id", None) for b in tab.blocks.values()}
 assert "spm_manage_table" in ids and "spm_read_only" in ids, ids
-for gone in ("spm_train_start", "spm_merge_run", "spm_manage_rename", "spm_manage_delete", "spm_manage_save"):
+assert "spm_test_locked" in ids, ids  # the Test panel is off under lockdown, and says why
+for gone in ("spm_train_start", "spm_merge_run", "spm_manage_rename", "spm_manage_delete", "spm_manage_save",
+             "spm_test_run", "spm_test_table"):
     assert gone not in ids, gone
+app = FastAPI()
+modules.script_callbacks.fire("app_started", None, app)
+r = TestClient(app).post("/spm/v1/gates", json={"prompts": ["a red circle"], "spms": ["circle"]})
+assert r.status_code == 403 and "--spm-lockdown" in r.json()["detail"], r.text
 out["ok"] = True
 mod.ext().shutdown()
 print(json.dumps(out))

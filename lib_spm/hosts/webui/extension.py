@@ -13,7 +13,7 @@ import os
 import threading
 from pathlib import Path
 
-from ...errors import SPMError
+from ...errors import SPMError, SPMForbidden, SPMRefusal, SPMRequestError
 from ...jobs import JobRunner
 from ...library import UNGATED, SPMLibrary
 from ...moderation import Policy
@@ -147,6 +147,21 @@ class Extension:
                         "size": e.size_bytes, "hash": e.sha256, "description": e.description, "error": e.error})
         return out
 
+    def api_gates(self, body) -> dict:
+        """``/spm/v1/gates``: the Test panel's gate table. Off under ``--spm-lockdown`` (as the
+        panel is: gate values would show users how to word around the enforced SPMs)."""
+        if self.policy.lockdown:
+            raise SPMForbidden("the operator has locked this server (--spm-lockdown): gate tests are off")
+        from ...ui import test_panel
+        from .tab import WebUIHost
+
+        try:
+            return test_panel.api(WebUIHost(self), body)
+        except SPMRefusal:
+            raise
+        except SPMError as e:
+            raise SPMRequestError(str(e)) from None
+
     def shutdown(self) -> None:
         self.controller.shutdown()
 
@@ -175,6 +190,18 @@ def release() -> None:
     with _instance_lock:
         while _instance:
             _instance.pop().shutdown()
+
+
+def answer(fn):
+    """Call an API handler; a refusal becomes FastAPI's HTTPException with its status and message.
+    FastAPI answers those itself: the WebUI's own handler, which reads ``status_code`` from any
+    exception, is installed only with ``--api``, and these routes exist without it."""
+    try:
+        return fn()
+    except SPMRefusal as e:
+        from fastapi import HTTPException
+
+        raise HTTPException(status_code=e.status_code, detail=str(e)) from None
 
 
 def api_auth_dependency(cmd_opts):

@@ -6,8 +6,10 @@ import contextlib
 from pathlib import Path
 
 from ...errors import SPMRuntimeError
+from ...session import GateSettings
+from ...ui.host import GateProbe
 from .extension import Extension
-from .model import model_arch
+from .model import model_arch, unet_of
 
 
 class WebUIHost:
@@ -89,3 +91,34 @@ class WebUIHost:
     def checkpoint_dir(self) -> Path:
         ckpt_dir = getattr(self._shared.cmd_opts, "ckpt_dir", None)
         return Path(ckpt_dir) if ckpt_dir else Path(self.ext.webui.module("sd_models").model_path)
+
+    # -- the Test panel --------------------------------------------------------------------------
+    def gate_defaults(self) -> GateSettings:
+        d = self.ext.default_args()
+        return GateSettings(enabled=d["ft"], factor=d["factor"], metric=d["metric"])
+
+    def enforced(self) -> list[tuple[str, float, GateSettings]]:
+        gate = self.ext.controller.enforced_gate
+        return [(e.name, e.strength, gate) for e in self.ext.policy.enforced]
+
+    @contextlib.contextmanager
+    def gate_probe(self):
+        """The loaded model under the WebUI's queue lock, so the report's hooks never meet a generation."""
+        from .probe import NOTE, WebUIPromptRows
+        from .rows import PromptTokens, WebUIConcepts
+
+        module = self.ext.webui.module
+        with module("call_queue").queue_lock:
+            sd_model = self._model()
+            tokens = PromptTokens(sd_model)
+            rows = WebUIPromptRows(sd_model, tokens, module("prompt_parser"), module("extra_networks"),
+                                   module("devices").autocast)
+            yield GateProbe(unet_of(sd_model), WebUIConcepts(sd_model, tokens=tokens), rows, NOTE)
+
+    def images_unavailable(self) -> str | None:
+        from .probe import NO_IMAGES
+
+        return NO_IMAGES
+
+    def test_images(self, prompts, spms, gate, seed):
+        return None
