@@ -6,6 +6,7 @@ UNet and by hosts choosing which of several SPMs to attach. Holds no state, hook
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Mapping
 
@@ -75,50 +76,52 @@ def placement(
         paths, unresolved = _resolve(list(layers), unet, layer_names(unet) if names is None else names)
     except SPMKeyError as e:
         return Placement(name, (), label or e)
+    modules = dict(unet.named_modules())  # get_submodule is slow on diffusers models (their __getattr__)
     places = tuple(LayerPlace(key, paths.get(key), None if key not in paths else
-                              _problem(unet.get_submodule(paths[key]), w)) for key, w in layers.items())
-    misfit = next((ArchitectureMismatch(f"{name} @ {p.path}: {p.problem}") for p in places if p.problem), None)
-    return Placement(name, places, label or unresolved or misfit)
+                              misfit(modules[paths[key]], w)) for key, w in layers.items())
+    mismatch = next((ArchitectureMismatch(f"{name} @ {p.path}: {p.problem}") for p in places if p.problem), None)
+    return Placement(name, places, label or unresolved or mismatch)
 
 
 def fit(module: nn.Module, w: LayerWeights) -> tuple[torch.Tensor, torch.Tensor, dict | None]:
     """An SPM layer's factors shaped for the module they adapt (2-D for a Linear, 4-D for a
     Conv2d) and the convolution's settings (None for a Linear); ArchitectureMismatch, saying
     why, where they do not fit."""
+    problem = misfit(module, w)
+    if problem is not None:
+        raise ArchitectureMismatch(problem)
     down, up = w.down, w.up
+    if layer_kind(module) == "linear":
+        return down.reshape(down.shape[0], -1), up.reshape(up.shape[0], -1), None
+    if down.dim() == 2:
+        down, up = down[:, :, None, None], up[:, :, None, None]
+    return down, up, dict(stride=module.stride, padding=module.padding, dilation=module.dilation)
+
+
+def misfit(module: nn.Module, w: LayerWeights) -> str | None:
+    """Why an SPM layer's factors do not fit ``module``; None when they do. Reads shapes only."""
+    down, up = tuple(w.down.shape), tuple(w.up.shape)
     kind = layer_kind(module)
     if kind == "linear":
-        if down.dim() == 4 and tuple(down.shape[2:]) != (1, 1):
-            raise ArchitectureMismatch(f"a {tuple(down.shape[2:])} convolution factor on a Linear layer")
-        down, up = down.reshape(down.shape[0], -1), up.reshape(up.shape[0], -1)
-        if (down.shape[1], up.shape[0]) != (module.in_features, module.out_features):
-            raise ArchitectureMismatch(f"SPM layer is {down.shape[1]}->{up.shape[0]}, "
-                                       f"the model's is {module.in_features}->{module.out_features}")
-        return down, up, None
+        if len(down) == 4 and down[2:] != (1, 1):
+            return f"a {down[2:]} convolution factor on a Linear layer"
+        n_in = math.prod(down[1:])
+        if (n_in, up[0]) != (module.in_features, module.out_features):
+            return f"SPM layer is {n_in}->{up[0]}, the model's is {module.in_features}->{module.out_features}"
+        return None
     if kind == "conv":
         if module.groups != 1 or module.padding_mode != "zeros":
-            raise ArchitectureMismatch("grouped or non-zero-padded convolutions cannot be adapted")
-        if down.dim() == 2:
-            if tuple(module.kernel_size) != (1, 1):
-                raise ArchitectureMismatch(f"a linear factor on a {module.kernel_size} convolution")
-            down, up = down[:, :, None, None], up[:, :, None, None]
-        if (down.shape[1], up.shape[0]) != (module.in_channels, module.out_channels) or tuple(
-            down.shape[2:]
-        ) != tuple(module.kernel_size):
-            raise ArchitectureMismatch(
-                f"SPM layer {tuple(down.shape)} / {tuple(up.shape)} does not fit Conv2d "
-                f"{module.in_channels}->{module.out_channels} kernel {tuple(module.kernel_size)}"
-            )
-        return down, up, dict(stride=module.stride, padding=module.padding, dilation=module.dilation)
-    raise ArchitectureMismatch(f"cannot adapt a {type(module).__name__}")
-
-
-def _problem(module: nn.Module, w: LayerWeights) -> str | None:
-    try:
-        fit(module, w)
-    except ArchitectureMismatch as e:
-        return str(e)
-    return None
+            return "grouped or non-zero-padded convolutions cannot be adapted"
+        kernel = tuple(module.kernel_size)
+        if len(down) == 2:
+            if kernel != (1, 1):
+                return f"a linear factor on a {module.kernel_size} convolution"
+            down, up = (*down, 1, 1), (*up, 1, 1)
+        if (down[1], up[0]) != (module.in_channels, module.out_channels) or down[2:] != kernel:
+            return (f"SPM layer {down} / {up} does not fit Conv2d "
+                    f"{module.in_channels}->{module.out_channels} kernel {kernel}")
+        return None
+    return f"cannot adapt a {type(module).__name__}"
 
 
 def _label_mismatch(spm: SPMFile, unet: nn.Module) -> ArchitectureMismatch | None:

@@ -173,9 +173,9 @@ class Session:
         for i, a in enumerate(self._applied):
             for key, path in placement(a.spm, self.unet, names=names).check().paths.items():
                 per_path.setdefault(path, []).append((i, a.spm.layers[key]))
-        layers = {}
+        layers, modules = {}, dict(self.unet.named_modules())
         for path, entries in per_path.items():
-            module = self.unet.get_submodule(path)
+            module = modules[path]
             fitted = [fit(module, w) for _, w in entries]  # placement checked that they fit
             ref = module.weight
             layers[path] = _Layer(
