@@ -179,26 +179,3 @@ def lowrank_bypass(
     h = F.conv2d(x, down, None, **conv)
     h = h * coef.reshape(B, -1, 1, 1)
     return F.conv2d(h, up)
-
-
-def original_bypass(
-    x: torch.Tensor, down: torch.Tensor, up: torch.Tensor, coef: torch.Tensor, n: int, scale: float,
-    conv: dict | None = None,
-) -> torch.Tensor:
-    """What the original code computes: ``scale * (sum_i c_i U_i)(sum_j c_j D_j) x``, gamma^2 and cross terms.
-
-    The original scales both factors of every SPM and sums the weights of equal-rank SPMs before
-    applying them. Kept only to compare against; ``coef`` is ``[B, n*r]`` (c_i repeated r times).
-    """
-    B = x.shape[0]
-    r = down.shape[0] // n
-    if conv is None:
-        h = F.linear(x, down)
-        shape = (B, *([1] * (h.dim() - 2)), -1)
-        h = (h * coef.reshape(shape)).unflatten(-1, (n, r)).sum(-2)  # sum_j c_j D_j x
-        h = h.repeat(*([1] * (h.dim() - 1)), n)  # column i*r+k holds (sum_j c_j D_j x)_k
-        return scale * F.linear(h * coef.reshape(shape), up)
-    h = F.conv2d(x, down, None, **conv)
-    h = (h * coef.reshape(B, -1, 1, 1)).unflatten(1, (n, r)).sum(1)
-    h = h.repeat(1, n, 1, 1)
-    return scale * F.conv2d(h * coef.reshape(B, -1, 1, 1), up)

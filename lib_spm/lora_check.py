@@ -7,9 +7,8 @@ from __future__ import annotations
 from functools import lru_cache
 
 from . import archs
-from .errors import SPMError
-from .names import resolve
-from .session import _fit
+from .errors import ArchitectureMismatch
+from .placement import placement
 from .spm_file import SPMFile
 
 
@@ -26,10 +25,10 @@ def webui_lora_check(spm: SPMFile) -> tuple[bool, str]:
         unet = _reference(spm.arch)
     except ImportError:
         return False, "cannot check: diffusers is not installed"
-    try:
-        paths = resolve(list(spm.layers), unet)
-        for key, path in paths.items():
-            _fit(unet.get_submodule(path), spm.layers[key], key)
-    except SPMError as e:
-        return False, str(e)
-    return True, f"all {len(paths)} layers resolve to {spm.arch} modules with matching shapes"
+    place = placement(spm.layers, unet)  # the layers alone: the label is what chose this UNet
+    misfit = next((p for p in place.layers if p.problem), None)
+    if isinstance(place.error, ArchitectureMismatch) and misfit:  # named by the file's key, as a user reads it
+        return False, f"{misfit.key}: {misfit.problem}"
+    if place.error is not None:
+        return False, str(place.error)
+    return True, f"all {len(place.layers)} layers resolve to {spm.arch} modules with matching shapes"

@@ -45,9 +45,21 @@ _TOP = {
     "conv_out": "out.2",
 }
 
-# Module classes SPMs adapt, and where: every Linear/Conv2d inside a transformer block container.
+# Where SPMs adapt layers: every Linear/Conv2d inside a transformer block container.
 TRANSFORMER_CONTAINERS = ("Transformer2DModel", "SpatialTransformer")
-ADAPTABLE = (nn.Linear, nn.Conv2d)
+
+
+def layer_kind(module: nn.Module) -> str | None:
+    """``"linear"`` or ``"conv"`` for a module an SPM can adapt, None for any other.
+
+    The one place that decides what is adaptable (naming, placement and the runtime ask it): a
+    host whose layers act like Linear without being one extends it here.
+    """
+    if isinstance(module, nn.Linear):
+        return "linear"
+    if isinstance(module, nn.Conv2d):
+        return "conv"
+    return None
 
 
 @dataclass(frozen=True)
@@ -180,7 +192,7 @@ def layer_names(unet: nn.Module) -> dict[str, LayerName]:
     table.sort(key=lambda row: -len(row[0 if kind == "diffusers" else 1]))  # longest prefix first
     out = {}
     for path, module in unet.named_modules():
-        if not isinstance(module, ADAPTABLE):
+        if layer_kind(module) is None:
             continue
         other = _translate(path, table, back=(kind == "ldm"))
         if other is None:
@@ -195,7 +207,7 @@ def spm_layer_paths(unet: nn.Module) -> list[str]:
     for path, module in unet.named_modules():
         if _cls(module) in TRANSFORMER_CONTAINERS:
             for sub, child in module.named_modules():
-                if sub and isinstance(child, ADAPTABLE):
+                if sub and layer_kind(child) is not None:
                     paths.append(f"{path}.{sub}")
     return paths
 

@@ -1,4 +1,5 @@
-"""Helpers shared by the runtime tests: in-memory SPMs for any UNet, and the merged-weights oracle."""
+"""Helpers shared by the runtime tests: in-memory SPMs for any UNet, the merged-weights oracle and
+the published code's arithmetic to compare against."""
 
 from __future__ import annotations
 
@@ -42,6 +43,22 @@ def merged(unet: nn.Module, terms: list[tuple[SPMFile, float]]) -> nn.Module:
             for key, path in resolve(list(spm.layers), model).items():
                 w = model.get_submodule(path).weight
                 w += (coef * spm.layers[key].delta()).reshape(w.shape).to(w.dtype)
+    return model
+
+
+def published(unet: nn.Module, terms: list[tuple[SPMFile, float]]) -> nn.Module:
+    """A copy of the UNet with the published code's arithmetic: it scales both factors of every
+    SPM by its coefficient and sums them before applying, ``W + scale (sum_i c_i U_i)(sum_j c_j D_j)``
+    (gamma^2 for one SPM, cross terms for several; equal ranks, the first SPM's alpha/rank).
+    The reference the runtime is compared against; the runtime itself never computes it."""
+    model = copy.deepcopy(unet)
+    first = terms[0][0]
+    with torch.no_grad():
+        for key, path in resolve(list(first.layers), model).items():
+            ups = [c * spm.layers[key].up.float().reshape(spm.layers[key].up.shape[0], -1) for spm, c in terms]
+            downs = [c * spm.layers[key].down.float().reshape(spm.layers[key].rank, -1) for spm, c in terms]
+            w = model.get_submodule(path).weight
+            w += (first.layers[key].scale * (sum(ups) @ sum(downs))).reshape(w.shape).to(w.dtype)
     return model
 
 

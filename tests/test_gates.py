@@ -96,16 +96,13 @@ def test_pooled_cosine_compares_end_states_centred_on_the_empty_prompt():
 
 
 def test_calibrated_session_floors_ignore_references_that_name_the_concept():
-    from lib_spm import Session
-    from models import tiny_sd1
-    from spm_helpers import random_spm
+    from lib_spm.gating import ConceptGate
 
-    model = tiny_sd1(True)
-    spm = random_spm(model, ["circle"])
     refs = ("a circle of friends", "a dog", "a house")
-    s = Session(model, [(spm, 1.0)], encoder=enc, gate=GateSettings(metric="pooled", reference_prompts=refs))
-    s._prepare_concepts()
-    null, floor = s._calibration
+    gate = ConceptGate(GateSettings(metric="pooled", reference_prompts=refs), [("circle",)], enc)
+    assert gate.calibration is None  # nothing encoded before prepare()
+    gate.prepare()
+    null, floor = gate.calibration
     e = enc.encode(list(refs) + ["circle"])
     from lib_spm.functional import pooled_cosine
     raw = pooled_cosine(e[:3], [len(t) for t in enc.tokens(list(refs))], e[3:], [1], null)

@@ -393,3 +393,19 @@ def test_generation_is_refused_when_no_enforced_spm_fits(world, tmp_path):
         status, body = miniwebui.api_generate(w.mod, w.modules, w.script, args(enabled=False), PROMPTS)
         assert status == 503 and "none of the enforced SPMs" in body["errors"]
         assert hook_counts(w.unet) == 2
+
+
+def test_spm_whose_layers_do_not_fit_is_skipped_and_the_rest_still_act(webui):
+    """A file of no architecture label whose shapes do not fit the model: the session with both
+    fails, placement names the one that does not fit, and the other acts alone."""
+    wide = random_spm(webui.unet, ["star"], seed=3, name="wide")
+    key = next(iter(wide.layers))
+    w = wide.layers[key]
+    w.down = torch.zeros(w.down.shape[0], w.down.shape[1] * 2, *w.down.shape[2:])
+    wide.save(webui.folder / "wide.safetensors")
+    got, p = run(webui, args(("circle", 1.0), ("wide", 1.0)), PROMPTS)
+    torch.testing.assert_close(got, reference(webui, [("circle", 1.0)], PROMPTS), rtol=0, atol=1e-5)
+    skipped = p.extra_generation_params["SPM skipped"]
+    assert skipped.startswith("wide: wide @ ") and "SPM layer" in skipped, skipped
+    assert p.extra_generation_params["SPM"] == "circle:1"
+    assert hook_counts(webui.unet) == 0

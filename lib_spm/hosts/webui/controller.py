@@ -43,6 +43,8 @@ from ...errors import (ArchitectureMismatch, ModerationUnavailable, SPMError, SP
                        SPMShapeError, UnresolvedKeysError)
 from ...library import SPMLibrary, check_name
 from ...moderation import Policy, opposed
+from ...names import layer_names
+from ...placement import placement
 from ...session import GateSettings, Session
 from ...spm_file import MAX_STRENGTH, SPMFile
 from ...values import number
@@ -490,16 +492,15 @@ class SPMController:
         try:
             session = self._session(unet, good, gate, concepts, rows).attach()
         except _DOES_NOT_FIT:
-            good = []
+            good, names = [], layer_names(unet)
             for c, spm in spms:
-                try:
-                    with Session(unet, [(spm, c.strength)], gate=GateSettings(enabled=False)):
-                        good.append((c, spm))
-                except _DOES_NOT_FIT as e:
-                    if enforced:
-                        log.warning("sd-webui-spm: enforced SPM %r does not fit this model: %s", c.name, e)
-                    else:
-                        self._skip(g, c.name, str(e))
+                place = placement(spm, unet, names=names)
+                if place.fits:
+                    good.append((c, spm))
+                elif enforced:
+                    log.warning("sd-webui-spm: enforced SPM %r does not fit this model: %s", c.name, place.error)
+                else:
+                    self._skip(g, c.name, str(place.error))
             if not good:
                 return []
             session = self._session(unet, good, gate, concepts, rows).attach()
