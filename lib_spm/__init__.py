@@ -14,7 +14,8 @@ from .errors import (
     UnresolvedKeysError,
 )
 from .metadata import SPMMetadata, Slice
-from .session import ConceptEncoder, GateSettings, Session
+from .gating import ConceptEncoder, GateSettings
+from .session import Session
 from .spm_file import LayerWeights, SPMFile, load_spm
 
 __version__ = "0.1.0"

@@ -15,7 +15,8 @@ import torch
 
 from . import archs
 from .progress import Progress
-from .session import GateSettings, Session
+from .gating import GateSettings
+from .session import Session
 from .zoo import zoo_state_dict
 from .metadata import SPMMetadata
 from .spm_file import SPMFile, parse_state_dict

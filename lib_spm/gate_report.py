@@ -24,11 +24,12 @@ import torch
 import torch.nn as nn
 
 from .errors import ArchitectureMismatch, SPMKeyError, SPMShapeError, SPMValueError, UnresolvedKeysError
-from .session import GateSettings, Session
+from .gating import GateSettings
+from .session import Session
 from .spm_file import SPMFile
 
 if TYPE_CHECKING:  # gating may move out of session.py; only Session and GateSettings are promised there
-    from .session import ConceptEncoder
+    from .gating import ConceptEncoder
 
 MAX_PROMPTS = 32
 MAX_PROMPT_CHARS = 4000

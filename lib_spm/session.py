@@ -27,7 +27,7 @@ import torch.nn as nn
 
 from . import functional
 from .errors import SPMRuntimeError, SPMValueError
-from .gating import ConceptEncoder, ConceptGate, GateSettings, RowTokens  # GateSettings: re-exported
+from .gating import ConceptEncoder, ConceptGate, GateSettings, RowTokens
 from .names import layer_names
 from .placement import fit, placement
 from .spm_file import LayerWeights, SPMFile

@@ -17,7 +17,8 @@ import torch
 
 from ..errors import SPMValueError
 from ..schedule import eps_from_v
-from ..session import GateSettings, Session
+from ..gating import GateSettings
+from ..session import Session
 from ..spm_file import SPMFile
 from ..trainer import Conditioning
 

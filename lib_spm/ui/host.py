@@ -17,12 +17,12 @@ import torch.nn as nn
 from ..gate_report import PromptRows
 from ..jobs import JobRunner
 from ..library import SPMLibrary
-from ..session import GateSettings
+from ..gating import GateSettings
 from ..spm_file import SPMFile
 from ..trainer import Backend
 
 if TYPE_CHECKING:
-    from ..session import ConceptEncoder
+    from ..gating import ConceptEncoder
 
 
 @dataclass(frozen=True)

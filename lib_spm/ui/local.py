@@ -14,7 +14,7 @@ from pathlib import Path
 from ..gate_report import Part
 from ..jobs import JobRunner
 from ..library import SPMLibrary
-from ..session import GateSettings
+from ..gating import GateSettings
 from .host import GateProbe
 
 log = logging.getLogger(__name__)

@@ -16,7 +16,7 @@ from .. import functional
 from ..errors import SPMError, SPMValueError
 from ..gate_report import GateReport, Probe, check_prompts, report
 from ..library import check_name
-from ..session import GateSettings
+from ..gating import GateSettings
 from ..values import flag, number
 from .host import UIHost
 

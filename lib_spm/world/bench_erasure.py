@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from ..session import GateSettings
+from ..gating import GateSettings
 from . import data
 from .erasure import ORIGINAL_RECIPE, WORLD_RECIPE, measure, other_prompts, target_prompts, train_concept, training_cost
 from .model import load_world

@@ -17,7 +17,8 @@ import torch
 
 from ..merge import merge_compressed, merge_exact
 from ..names import resolve
-from ..session import GateSettings, Session
+from ..gating import GateSettings
+from ..session import Session
 from . import data
 from .bench_erasure import GATES, publish
 from .erasure import measure, target_prompts, train_concept

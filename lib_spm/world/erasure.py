@@ -15,7 +15,7 @@ from typing import Sequence
 
 import torch
 
-from ..session import GateSettings
+from ..gating import GateSettings
 from ..spm_file import SPMFile, load_spm
 from ..train_config import TrainConfig
 from ..trainer import train_spm

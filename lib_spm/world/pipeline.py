@@ -12,7 +12,8 @@ from typing import Sequence
 
 import torch
 
-from ..session import GateSettings, Session
+from ..gating import GateSettings
+from ..session import Session
 from ..spm_file import SPMFile
 from . import data
 from .model import LATENT, World, decode_latent, new_scheduler

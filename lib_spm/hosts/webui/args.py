@@ -14,7 +14,7 @@ from typing import Sequence
 
 from ... import functional
 from ...errors import SPMError, SPMValueError
-from ...session import GateSettings
+from ...gating import GateSettings
 from ...spm_file import MAX_STRENGTH
 from ...values import flag, number, parse_name_weights
 

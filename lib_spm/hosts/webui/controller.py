@@ -45,7 +45,8 @@ from ...library import SPMLibrary, check_name
 from ...moderation import Policy, opposed
 from ...names import layer_names
 from ...placement import placement
-from ...session import GateSettings, Session
+from ...gating import GateSettings
+from ...session import Session
 from ...spm_file import MAX_STRENGTH, SPMFile
 from ...values import number
 from .args import INFO_ENFORCED, INFO_FT, INFO_HASHES, INFO_KEYS, INFO_SKIPPED, INFO_SPM, INFO_UNGATED, MAX_FACTOR, \

@@ -17,7 +17,7 @@ from ...errors import SPMError, SPMForbidden, SPMRefusal, SPMRequestError
 from ...jobs import JobRunner
 from ...library import UNGATED, SPMLibrary
 from ...moderation import Policy
-from ...session import GateSettings
+from ...gating import GateSettings
 from .controller import SPMController
 from .gateway import Gateway, webui
 from .model import model_arch
