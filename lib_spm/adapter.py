@@ -17,7 +17,7 @@ import torch.nn as nn
 
 from . import functional
 from .metadata import SPMMetadata
-from .names import layer_names, spm_layer_paths
+from .names import layer_kind, layer_names, spm_layer_paths
 from .spm_file import LayerWeights, SPMFile
 
 
@@ -36,7 +36,7 @@ class TrainableAdapter(nn.Module):
         for path in self.paths:
             m = unet.get_submodule(path)
             dev = m.weight.device
-            if isinstance(m, nn.Conv2d):
+            if layer_kind(m) == "conv":
                 down = torch.empty(rank, m.in_channels, *m.kernel_size)
                 up = torch.zeros(m.out_channels, rank, 1, 1)
                 self._conv.append(dict(stride=m.stride, padding=m.padding, dilation=m.dilation))

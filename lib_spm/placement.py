@@ -125,8 +125,7 @@ def misfit(module: nn.Module, w: LayerWeights) -> str | None:
 
 
 def _label_mismatch(spm: SPMFile, unet: nn.Module) -> ArchitectureMismatch | None:
-    dim = archs.unet_context_dim(unet)
-    model_arch = archs.arch_from_context_dim(dim) if dim else None
+    model_arch = archs.unet_arch(unet)
     if spm.arch and model_arch and spm.arch != model_arch:
         return ArchitectureMismatch(f"{spm.name} is an {spm.arch} SPM; this UNet is {model_arch}")
     return None
