@@ -13,6 +13,7 @@ from typing import NamedTuple
 import torch
 
 from .errors import SPMShapeError
+from .names import is_linear
 
 CONTEXT_DIM = {"sd1": 768, "sd2": 1024, "sdxl": 2048}
 
@@ -84,7 +85,7 @@ def layer_limits(unet: torch.nn.Module) -> LayerLimits:
     for module in unet.modules():
         if isinstance(module, torch.nn.Conv2d):
             ins, outs, kernel = module.in_channels, module.out_channels, max(module.kernel_size)
-        elif isinstance(module, torch.nn.Linear):
+        elif is_linear(module):
             ins, outs, kernel = module.in_features, module.out_features, 1
         else:
             continue
@@ -123,6 +124,6 @@ def context_dim_of_layers(shapes: dict[str, tuple[int, ...]]) -> int | None:
 
 def unet_context_dim(unet: torch.nn.Module) -> int | None:
     for name, module in unet.named_modules():
-        if name.endswith("attn2.to_k") and isinstance(module, torch.nn.Linear):
+        if name.endswith("attn2.to_k") and is_linear(module):
             return module.in_features
     return None

@@ -18,6 +18,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Iterator
 
+import torch
 import torch.nn as nn
 
 from .errors import SPMKeyError, UnresolvedKeysError
@@ -44,9 +45,37 @@ _TOP = {
     "conv_out": "out.2",
 }
 
-# Module classes SPMs adapt, and where: every Linear/Conv2d inside a transformer block container.
+# Where SPMs adapt: every Linear-like layer and Conv2d inside a transformer block container.
 TRANSFORMER_CONTAINERS = ("Transformer2DModel", "SpatialTransformer")
-ADAPTABLE = (nn.Linear, nn.Conv2d)
+
+
+def is_linear(module: nn.Module) -> bool:
+    """A layer that computes ``x @ W.T + b``, judged by what it is, not by its class: ``nn.Linear``
+    and look-alikes such as Forge's ``ForgeOperations.Linear`` (an ``nn.Module`` with
+    ``in_features``/``out_features`` and a 2-D ``weight``, possibly stored quantised)."""
+    if isinstance(module, nn.Linear):
+        return True
+    if isinstance(module, nn.modules.conv._ConvNd):
+        return False
+    ins, outs = getattr(module, "in_features", None), getattr(module, "out_features", None)
+    weight = getattr(module, "weight", None)
+    return isinstance(ins, int) and isinstance(outs, int) and weight is not None and hasattr(weight, "dtype")
+
+
+_COMPUTE_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def factor_dtype(module: nn.Module) -> torch.dtype:
+    """The dtype to keep an SPM's factors in for this layer: its weight's, if that is one models
+    compute in; fp32 for storage-only formats (fp8, NF4, GGUF), which Forge casts per call (the
+    factors follow each call's output dtype anyway)."""
+    dtype = getattr(getattr(module, "weight", None), "dtype", None)
+    return dtype if dtype in _COMPUTE_DTYPES else torch.float32
+
+
+def adaptable(module: nn.Module) -> bool:
+    """A layer an SPM can adapt: Linear-like or a Conv2d."""
+    return isinstance(module, nn.Conv2d) or is_linear(module)
 
 
 @dataclass(frozen=True)
@@ -187,7 +216,7 @@ def layer_names(unet: nn.Module) -> dict[str, LayerName]:
     table.sort(key=lambda row: -len(row[0 if kind == "diffusers" else 1]))  # longest prefix first
     out = {}
     for path, module in unet.named_modules():
-        if not isinstance(module, ADAPTABLE):
+        if not adaptable(module):
             continue
         other = _translate(path, table, back=(kind == "ldm"))
         if other is None:
@@ -202,7 +231,7 @@ def spm_layer_paths(unet: nn.Module) -> list[str]:
     for path, module in unet.named_modules():
         if _cls(module) in TRANSFORMER_CONTAINERS:
             for sub, child in module.named_modules():
-                if sub and isinstance(child, ADAPTABLE):
+                if sub and adaptable(child):
                     paths.append(f"{path}.{sub}")
     return paths
 

@@ -25,7 +25,7 @@ import torch.nn as nn
 
 from . import archs, functional
 from .errors import ArchitectureMismatch, SPMRuntimeError, SPMShapeError, SPMValueError
-from .names import layer_names, resolve
+from .names import factor_dtype, is_linear, layer_names, resolve
 from .spm_file import LayerWeights, SPMFile
 
 RowTokens = Sequence["tuple[int, ...] | None"]  # a row's prompt tokens in order, specials excluded
@@ -235,8 +235,8 @@ class Session:
                 group=tuple(i for i, _ in entries),
                 cols=torch.cat([torch.arange(self._applied[i].columns.start, self._applied[i].columns.stop)
                                 for i, _ in entries]),
-                down=torch.cat([d.float() for d in downs]).to(ref.device, ref.dtype),
-                up=torch.cat(ups, dim=1).to(ref.device, ref.dtype),
+                down=torch.cat([d.float() for d in downs]).to(ref.device, factor_dtype(module)),
+                up=torch.cat(ups, dim=1).to(ref.device, factor_dtype(module)),
                 conv=conv,
             )
         return layers
@@ -355,7 +355,7 @@ def _check_strength(strength: float) -> None:
 def _fit(module: nn.Module, w: LayerWeights, where: str):
     """Shape an SPM layer's factors for the module they adapt, or raise ArchitectureMismatch."""
     down, up = w.down, w.up
-    if isinstance(module, nn.Linear):
+    if is_linear(module):
         if down.dim() == 4 and tuple(down.shape[2:]) != (1, 1):
             raise ArchitectureMismatch(f"{where}: a {tuple(down.shape[2:])} convolution factor on a Linear layer")
         down, up = down.reshape(down.shape[0], -1), up.reshape(up.shape[0], -1)
