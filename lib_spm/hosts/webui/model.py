@@ -8,12 +8,33 @@ from ... import archs
 from ...errors import SPMRuntimeError
 
 
+def is_forge(sd_model) -> bool:
+    """Whether this is a Forge diffusion engine (``backend.diffusion_engine.*``), which keeps its
+    UNet, text encoders and VAE in ``forge_objects`` and has no ``.model``."""
+    return getattr(sd_model, "forge_objects", None) is not None
+
+
 def unet_of(sd_model) -> torch.nn.Module:
-    """The LDM/sgm ``UNetModel`` the WebUI denoises with."""
+    """The LDM/sgm ``UNetModel`` the WebUI denoises with (Forge: its ``IntegratedUNet2DConditionModel``,
+    whose module objects persist across generations; a checkpoint change builds a new one)."""
+    if is_forge(sd_model):
+        try:
+            return sd_model.forge_objects.unet.model.diffusion_model
+        except AttributeError:
+            raise SPMRuntimeError("this Forge model has no forge_objects.unet.model.diffusion_model") from None
     try:
         return sd_model.model.diffusion_model
     except AttributeError:
         raise SPMRuntimeError("this model has no model.diffusion_model: not a WebUI Stable Diffusion model") from None
+
+
+def alphas_cumprod_of(sd_model) -> torch.Tensor:
+    """The noise schedule: the WebUI's ``sd_model.alphas_cumprod``, Forge's predictor's."""
+    owner = sd_model.forge_objects.unet.model.predictor if is_forge(sd_model) else sd_model
+    acp = getattr(owner, "alphas_cumprod", None)
+    if not isinstance(acp, torch.Tensor):
+        raise SPMRuntimeError("this model has no alphas_cumprod (not a DDPM-style noise schedule)")
+    return acp
 
 
 def conditioning_of(args: tuple, kwargs: dict) -> torch.Tensor:
