@@ -300,3 +300,58 @@ def test_forge_linear_with_an_spm_matches_nn_linear(world, storage, manual_cast)
                     assert layer.down.dtype == torch.float32 == factor_dtype(layer.module)
         torch.testing.assert_close(outs[1], outs[0], rtol=1e-5, atol=1e-5)
         assert hook_counts(forge) == 0
+
+
+# -- training against Forge's loaded model ---------------------------------------------------------
+
+class _ForgeTrainModel:
+    """A Forge engine as far as training reads it: a tiny SD1 UNet (Forge Linear layers) in
+    ``forge_objects``, the predictor's schedule, conditioning encoded under inference mode."""
+
+    def __init__(self, v: bool = False):
+        from diffusers import DDPMScheduler
+
+        from models import tiny_sd1
+
+        base = tiny_sd1(True)
+        unet = type("IntegratedUNet2DConditionModel", (_LdmForward, type(base)), {}).from_config(base.config)
+        unet.load_state_dict(base.state_dict())
+        use_forge_linears(unet.eval())
+        acp = DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012).alphas_cumprod
+        predictor = Predictor(acp)
+        predictor.prediction_type = "v_prediction" if v else "epsilon"
+        self.forge_objects = ForgeObjects(unet=UnetPatcher(KModel(unet, predictor)))
+        self.is_sd1 = True
+
+    @torch.inference_mode()
+    def get_learned_conditioning(self, texts):
+        from models import ToyEncoder
+
+        return ToyEncoder().encode(list(texts)) * 4
+
+
+class _LdmForward:
+    def forward(self, x, timesteps=None, context=None, y=None, **kwargs):
+        return super().forward(x, timesteps, context).sample
+
+
+@pytest.mark.parametrize("v", [False, True], ids=["eps", "v"])
+def test_training_runs_on_forges_loaded_model_and_leaves_it_as_it_was(tmp_path, v):
+    from lib_spm import load_spm
+    from lib_spm.hosts.webui.trainer import WebUIBackend
+    from lib_spm.trainer import TrainConfig, train_spm
+
+    sd = _ForgeTrainModel(v)
+    unet = unet_of(sd)
+    before = {k: t.clone() for k, t in unet.state_dict().items()}
+    be = WebUIBackend(sd, resolution=64, previews=False)
+    assert be.arch == "sd1" and be.parameterization == ("v" if v else "eps") and be.dtype == torch.float32
+    assert torch.equal(be.alphas_cumprod, sd.forge_objects.unet.model.predictor.alphas_cumprod.float())
+    cfg = TrainConfig(targets=["circle"], iterations=2, lr=1e-2, warmup=1, max_denoising_steps=3, anchors=1,
+                      la_strength=10.0, arch=be.arch, name="no_circle")
+    res = train_spm(be, cfg, tmp_path / "x.safetensors")  # inference-mode conditioning must not break backward
+    spm = load_spm(res.spm_path)
+    assert res.steps == 2 and any(lw.up.abs().sum() > 0 for lw in spm.layers.values())
+    assert len(spm.layers) == len(spm_layer_paths(unet))  # Forge's Linear layers were trained too
+    assert all(torch.equal(before[k], t) for k, t in unet.state_dict().items())
+    assert hook_counts(unet) == 0

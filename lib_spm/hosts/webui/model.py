@@ -28,11 +28,11 @@ def unet_of(sd_model) -> torch.nn.Module:
         raise SPMRuntimeError("this model has no model.diffusion_model: not a WebUI Stable Diffusion model") from None
 
 
-def alphas_cumprod_of(sd_model) -> torch.Tensor:
+def alphas_cumprod_of(sd_model):
     """The noise schedule: the WebUI's ``sd_model.alphas_cumprod``, Forge's predictor's."""
     owner = sd_model.forge_objects.unet.model.predictor if is_forge(sd_model) else sd_model
     acp = getattr(owner, "alphas_cumprod", None)
-    if not isinstance(acp, torch.Tensor):
+    if acp is None:
         raise SPMRuntimeError("this model has no alphas_cumprod (not a DDPM-style noise schedule)")
     return acp
 
@@ -87,3 +87,21 @@ def model_kind(sd_model) -> str:
         return arch
     raise SPMRuntimeError(f"unknown model type ({type(sd_model).__name__}): SPM training supports SD1.x, SD2.x "
                           "and SDXL")
+
+
+def parameterization_of(sd_model) -> str:
+    """``eps`` or ``v``: the WebUI's ``sd_model.parameterization``, Forge's predictor's ``prediction_type``."""
+    if is_forge(sd_model):
+        kind = getattr(sd_model.forge_objects.unet.model.predictor, "prediction_type", "epsilon")
+        return {"epsilon": "eps", "eps": "eps", "v_prediction": "v"}.get(kind, kind)
+    return getattr(sd_model, "parameterization", "eps")
+
+
+def compute_dtype_of(sd_model, unet: torch.nn.Module) -> torch.dtype:
+    """The dtype the UNet computes in: Forge's ``computation_dtype`` (its weights may be stored
+    in fp8/NF4/GGUF), else its first parameter's."""
+    if is_forge(sd_model):
+        dtype = getattr(sd_model.forge_objects.unet.model, "computation_dtype", None)
+        if isinstance(dtype, torch.dtype):
+            return dtype
+    return next(unet.parameters()).dtype

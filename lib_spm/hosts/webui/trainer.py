@@ -9,7 +9,9 @@ level. What it relies on, read from the WebUI's source:
   ``{"crossattn": [B, 77k, 2048], "vector": [B, 2816]}`` whose size conditioning comes from the
   batch's ``width``/``height`` attributes (``sd_models_xl.get_learned_conditioning``; a plain list
   means 1024 px), so prompts are passed as a list carrying the training resolution;
-- ``sd_model.alphas_cumprod``; ``sd_model.parameterization == "v"`` for v-prediction models;
+- ``sd_model.alphas_cumprod``; ``sd_model.parameterization == "v"`` for v-prediction models
+  (Forge: ``forge_objects.unet.model.predictor``'s ``alphas_cumprod`` and ``prediction_type``; its
+  UNet is loaded onto the GPU with ``backend.memory_management.load_model_gpu`` first);
 - ``sd_model.decode_first_stage(latents)`` gives images in [-1, 1];
 - ``is_sd1``/``is_sd2``/``is_sdxl``/``is_ssd``/``is_sd3`` (``sd_models.set_model_type``), and
   ``lowvram`` when ``--medvram``/``--lowvram`` move the UNet in and out of the GPU per call of
@@ -28,8 +30,8 @@ import torch
 
 from ...errors import SPMRuntimeError, SPMShapeError, SPMValueError
 from ...trainer import Conditioning
-from .gateway import webui
-from .model import model_kind, unet_of
+from .gateway import forge, webui
+from .model import alphas_cumprod_of, compute_dtype_of, is_forge, model_kind, parameterization_of, unet_of
 from .rows import CHUNK
 
 
@@ -54,14 +56,17 @@ class WebUIBackend:
         if getattr(sd_model, "lowvram", False):
             raise SPMRuntimeError("training needs the whole UNet on the GPU: restart the WebUI without "
                                   "--medvram/--lowvram (or --medvram-sdxl for SDXL)")
-        self.parameterization = getattr(sd_model, "parameterization", "eps")
+        self.parameterization = parameterization_of(sd_model)
         if self.parameterization not in ("eps", "v"):
             raise SPMRuntimeError(f"unsupported parameterization {self.parameterization!r} (eps or v)")
         self.sd_model = sd_model
         self.unet = unet_of(sd_model)
-        p = next(self.unet.parameters())
-        self.device, self.dtype = p.device, p.dtype
-        self.alphas_cumprod = torch.as_tensor(sd_model.alphas_cumprod).detach().float().to(self.device)
+        if is_forge(sd_model):
+            with contextlib.suppress(ImportError):  # Forge keeps the UNet off the GPU between generations
+                forge("memory_management").load_model_gpu(sd_model.forge_objects.unet)
+        self.device = next(self.unet.parameters()).device
+        self.dtype = compute_dtype_of(sd_model, self.unet)
+        self.alphas_cumprod = torch.as_tensor(alphas_cumprod_of(sd_model)).detach().float().to(self.device)
         self.resolution = resolution
         self.latent_shape = (4, resolution // 8, resolution // 8)
         if not previews:
@@ -92,7 +97,9 @@ class WebUIBackend:
             ctx, added = cond, None
         if ctx.dim() != 3 or ctx.shape[0] != len(prompts):
             raise SPMShapeError(f"get_learned_conditioning gave {tuple(ctx.shape)} for {len(prompts)} prompts")
-        return Conditioning(ctx[:, :CHUNK].to(self.device), added)
+        # clone: Forge encodes under inference mode, and inference tensors cannot be saved for backward
+        added = None if added is None else {k: v.clone() for k, v in added.items()}
+        return Conditioning(ctx[:, :CHUNK].to(self.device).clone(), added)
 
     def predict_eps(self, x: torch.Tensor, t: torch.Tensor, cond: Conditioning) -> torch.Tensor:
         kw = {"context": cond.context.to(self.dtype)}
