@@ -21,7 +21,7 @@ import miniwebui
 from forge_stub import miniforge
 from forge_stub.backend.diffusion_engine.sd15 import ForgeObjects, KModel, Predictor, StableDiffusion, UnetPatcher
 from forge_stub.backend.operations import ForgeOperations, use_forge_linears
-from lib_spm import GateSettings, Session, archs
+from lib_spm import GateSettings, Session, SPMRuntimeError, archs
 from lib_spm.hosts.webui.args import ApplyArgs, Choice
 from lib_spm.hosts.webui.forge import ForgeRows, ForgeTokens
 from lib_spm.hosts.webui.model import alphas_cumprod_of, is_forge, model_arch, unet_of
@@ -176,6 +176,8 @@ def test_forge_model_is_found_through_forge_objects(world):
     assert unet_of(sd) is sd.forge_objects.unet.model.diffusion_model
     assert model_arch(sd) == "sd1"
     assert alphas_cumprod_of(sd) is sd.forge_objects.unet.model.predictor.alphas_cumprod
+    with pytest.raises(SPMRuntimeError, match="Forge has not loaded a model yet"):
+        unet_of(type("FakeInitialModel", (), {"cond_stage_model": None})())
     assert ForgeTokens(sd).chunks("a red circle") == [tuple(world.tokenizer("a red circle",
                                                                               add_special_tokens=False).input_ids)]
 

@@ -17,6 +17,9 @@ def is_forge(sd_model) -> bool:
 def unet_of(sd_model) -> torch.nn.Module:
     """The LDM/sgm ``UNetModel`` the WebUI denoises with (Forge: its ``IntegratedUNet2DConditionModel``,
     whose module objects persist across generations; a checkpoint change builds a new one)."""
+    if type(sd_model).__name__ == "FakeInitialModel":  # Forge's placeholder until the first generation
+        raise SPMRuntimeError("Forge has not loaded a model yet (it loads one at the first generation): "
+                              "generate an image first")
     if is_forge(sd_model):
         try:
             return sd_model.forge_objects.unet.model.diffusion_model
