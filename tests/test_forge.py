@@ -316,9 +316,10 @@ class _ForgeTrainModel:
         from models import tiny_sd1
 
         base = tiny_sd1(True)
-        unet = type("IntegratedUNet2DConditionModel", (_LdmForward, type(base)), {}).from_config(base.config)
-        unet.load_state_dict(base.state_dict())
-        use_forge_linears(unet.eval())
+        with torch.inference_mode():  # as Forge loads its model: every weight an inference tensor
+            unet = type("IntegratedUNet2DConditionModel", (_LdmForward, type(base)), {}).from_config(base.config)
+            unet.load_state_dict(base.state_dict())
+            use_forge_linears(unet.eval())
         acp = DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012).alphas_cumprod
         predictor = Predictor(acp)
         predictor.prediction_type = "v_prediction" if v else "epsilon"
@@ -345,6 +346,7 @@ def test_training_runs_on_forges_loaded_model_and_leaves_it_as_it_was(tmp_path, 
 
     sd = _ForgeTrainModel(v)
     unet = unet_of(sd)
+    assert all(p.is_inference() for p in unet.parameters())
     before = {k: t.clone() for k, t in unet.state_dict().items()}
     be = WebUIBackend(sd, resolution=64, previews=False)
     assert be.arch == "sd1" and be.parameterization == ("v" if v else "eps") and be.dtype == torch.float32

@@ -64,6 +64,7 @@ class WebUIBackend:
         if is_forge(sd_model):
             with contextlib.suppress(ImportError):  # Forge keeps the UNet off the GPU between generations
                 forge("memory_management").load_model_gpu(sd_model.forge_objects.unet)
+            _leave_inference_mode(self.unet)
         self.device = next(self.unet.parameters()).device
         self.dtype = compute_dtype_of(sd_model, self.unet)
         self.alphas_cumprod = torch.as_tensor(alphas_cumprod_of(sd_model)).detach().float().to(self.device)
@@ -118,3 +119,18 @@ class WebUIBackend:
         with torch.no_grad(), self._precision():
             images = self.sd_model.decode_first_stage(latents.to(self.device))
         return ((images.float() + 1) / 2).clamp(0, 1)
+
+
+def _leave_inference_mode(unet: torch.nn.Module) -> None:
+    """Make the UNet's inference tensors normal ones, same values (Forge loads its model under
+    ``torch.inference_mode``, and autograd cannot save inference tensors for backward: a
+    LayerNorm's weight, a frozen layer's input). One tensor at a time, so memory grows by the
+    largest one only; generation is unchanged."""
+    with torch.inference_mode(False), torch.no_grad():
+        for module in unet.modules():
+            for name, p in list(module.named_parameters(recurse=False)):
+                if p.is_inference():
+                    setattr(module, name, torch.nn.Parameter(p.clone(), requires_grad=p.requires_grad))
+            for name, b in list(module.named_buffers(recurse=False)):
+                if b.is_inference():
+                    setattr(module, name, b.clone())  # a registered buffer stays one, persistence kept

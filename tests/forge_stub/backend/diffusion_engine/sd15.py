@@ -74,7 +74,8 @@ class StableDiffusion:
         from lib_spm.world.model import new_scheduler
 
         self.world = world
-        unet = use_forge_linears(copy.deepcopy(world.unet), dtype)
+        with torch.inference_mode():  # Forge loads its models under inference mode
+            unet = use_forge_linears(copy.deepcopy(world.unet), dtype)
         unet.__class__ = type("IntegratedUNet2DConditionModel", (_LdmCall, type(unet)), {})
         self.scheduler = new_scheduler()
         predictor = Predictor(self.scheduler.alphas_cumprod)
