@@ -82,6 +82,14 @@ class WebUIBackend:
                 return torch.autocast("cuda", dtype=self.dtype)
             return contextlib.nullcontext()
 
+    def _saved_tensors(self):
+        """Forge's transformer blocks add in place (``x += n``) to activations that autograd saved
+        (``norm1(x)``), which backward then refuses: save copies of intermediate activations
+        there (weights and inputs, which nothing modifies, are kept as they are)."""
+        if not is_forge(self.sd_model) or not torch.is_grad_enabled():
+            return contextlib.nullcontext()
+        return torch.autograd.graph.saved_tensors_hooks(_copy_activation, _same)
+
     def encode(self, prompts: list[str]) -> Conditioning:
         """One 77-token chunk per prompt (as the original trainer sees it): rows of any two
         prompts must stack, and a concept longer than 75 tokens keeps its first chunk."""
@@ -106,7 +114,7 @@ class WebUIBackend:
         kw = {"context": cond.context.to(self.dtype)}
         if cond.added is not None:
             kw["y"] = cond.added["vector"].to(self.dtype)
-        with self._precision():
+        with self._precision(), self._saved_tensors():
             out = self.unet(x.to(self.dtype), t, **kw)
         out = out.float()
         if self.parameterization == "eps":
@@ -134,3 +142,11 @@ def _leave_inference_mode(unet: torch.nn.Module) -> None:
             for name, b in list(module.named_buffers(recurse=False)):
                 if b.is_inference():
                     setattr(module, name, b.clone())  # a registered buffer stays one, persistence kept
+
+
+def _copy_activation(t: torch.Tensor) -> torch.Tensor:
+    return t if t.grad_fn is None else t.clone()
+
+
+def _same(t: torch.Tensor) -> torch.Tensor:
+    return t
