@@ -82,11 +82,13 @@ def any_arch_limits() -> LayerLimits:
 
 
 def layer_limits(unet: torch.nn.Module) -> LayerLimits:
+    from .names import is_linear  # names asks this module for the layout: imported late
+
     n = max_in = max_out = max_kernel = max_weight = 0
     for module in unet.modules():
         if isinstance(module, torch.nn.Conv2d):
             ins, outs, kernel = module.in_channels, module.out_channels, max(module.kernel_size)
-        elif isinstance(module, torch.nn.Linear):
+        elif is_linear(module):
             ins, outs, kernel = module.in_features, module.out_features, 1
         else:
             continue
@@ -125,8 +127,10 @@ def context_dim_of_layers(shapes: dict[str, tuple[int, ...]]) -> int | None:
 
 
 def unet_context_dim(unet: torch.nn.Module) -> int | None:
+    from .names import is_linear  # names asks this module for the layout: imported late
+
     for name, module in unet.named_modules():
-        if name.endswith("attn2.to_k") and isinstance(module, torch.nn.Linear):
+        if name.endswith("attn2.to_k") and is_linear(module):
             return module.in_features
     return None
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Iterator
 
+import torch
 import torch.nn as nn
 
 from .archs import unet_layout
@@ -45,21 +46,44 @@ _TOP = {
     "conv_out": "out.2",
 }
 
-# Where SPMs adapt layers: every Linear/Conv2d inside a transformer block container.
+# Where SPMs adapt: every Linear-like layer and Conv2d inside a transformer block container.
 TRANSFORMER_CONTAINERS = ("Transformer2DModel", "SpatialTransformer")
 
 
 def layer_kind(module: nn.Module) -> str | None:
     """``"linear"`` or ``"conv"`` for a module an SPM can adapt, None for any other.
 
-    The one place that decides what is adaptable (naming, placement and the runtime ask it): a
-    host whose layers act like Linear without being one extends it here.
+    The one place that decides what is adaptable (naming, placement, the runtime and the adapter
+    ask it). Linear is judged by what a layer is, not by its class: ``nn.Linear`` and look-alikes
+    such as Forge's ``ForgeOperations.Linear`` (an ``nn.Module`` with ``in_features``/
+    ``out_features`` and a ``weight``, possibly stored quantised).
     """
-    if isinstance(module, nn.Linear):
-        return "linear"
     if isinstance(module, nn.Conv2d):
         return "conv"
+    if isinstance(module, nn.Linear):
+        return "linear"
+    if isinstance(module, nn.modules.conv._ConvNd):
+        return None
+    ins, outs = getattr(module, "in_features", None), getattr(module, "out_features", None)
+    weight = getattr(module, "weight", None)
+    if isinstance(ins, int) and isinstance(outs, int) and weight is not None and hasattr(weight, "dtype"):
+        return "linear"
     return None
+
+
+def is_linear(module: nn.Module) -> bool:
+    return layer_kind(module) == "linear"
+
+
+_COMPUTE_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def factor_dtype(module: nn.Module) -> torch.dtype:
+    """The dtype to keep an SPM's factors in for this layer: its weight's, if that is one models
+    compute in; fp32 for storage-only formats (fp8, NF4, GGUF), which Forge casts per call (the
+    factors follow each call's output dtype anyway)."""
+    dtype = getattr(getattr(module, "weight", None), "dtype", None)
+    return dtype if dtype in _COMPUTE_DTYPES else torch.float32
 
 
 @dataclass(frozen=True)

@@ -28,7 +28,7 @@ import torch.nn as nn
 from . import functional
 from .errors import SPMRuntimeError, SPMValueError
 from .gating import ConceptEncoder, ConceptGate, GateSettings, RowTokens
-from .names import layer_names
+from .names import factor_dtype, layer_names
 from .placement import fit, placement
 from .spm_file import LayerWeights, SPMFile
 
@@ -183,9 +183,9 @@ class Session:
                 group=tuple(i for i, _ in entries),
                 cols=torch.cat([torch.arange(self._applied[i].columns.start, self._applied[i].columns.stop)
                                 for i, _ in entries]),
-                down=torch.cat([d.float() for d, _, _ in fitted]).to(ref.device, ref.dtype),
+                down=torch.cat([d.float() for d, _, _ in fitted]).to(ref.device, factor_dtype(module)),
                 up=torch.cat([u.float() * w.scale for (_, u, _), (_, w) in zip(fitted, entries)], dim=1)
-                .to(ref.device, ref.dtype),
+                .to(ref.device, factor_dtype(module)),
                 conv=fitted[0][2],
             )
         return layers

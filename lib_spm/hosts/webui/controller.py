@@ -53,7 +53,7 @@ from .args import INFO_ENFORCED, INFO_FT, INFO_HASHES, INFO_KEYS, INFO_SKIPPED, 
     ApplyArgs, Choice, merge_choices, tag_choices
 from .gateway import Gateway
 from .model import model_arch, unet_of
-from .rows import PromptTokens, WebUIConcepts, WebUIRows
+from .rows import WebUIConcepts, WebUIRows, rows_for, tokens_for
 
 log = logging.getLogger("sd-webui-spm")
 
@@ -138,7 +138,7 @@ class SPMController:
     def _for_model(self, sd_model):
         st = self._model_state
         if st is None or st[0] is not sd_model:
-            tokens = PromptTokens(sd_model)
+            tokens = tokens_for(sd_model)
             concepts = _CachedConcepts(WebUIConcepts(sd_model, tokens=tokens),
                                        lambda: self._opt("CLIP_stop_at_last_layers", 1))
             st = self._model_state = (sd_model, tokens, concepts)
@@ -488,7 +488,7 @@ class SPMController:
         """Attach a session with every SPM that fits this UNet and record what acted; those that
         do not fit are skipped (named in the note; enforced ones in the log)."""
         # each session walks the step's rows itself, so each has its own row reader
-        rows = WebUIRows(tokens, sd_model=sd_model, opts=self.shared.opts)
+        rows = rows_for(tokens, sd_model=sd_model, opts=self.shared.opts)
         good = list(spms)
         try:
             session = self._session(unet, good, gate, concepts, rows).attach()

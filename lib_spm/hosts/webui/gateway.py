@@ -16,6 +16,11 @@ def webui(name: str) -> ModuleType:
     return importlib.import_module(f"modules.{name}")
 
 
+def forge(name: str) -> ModuleType:
+    """Forge's ``backend.<name>`` (ImportError outside Forge)."""
+    return importlib.import_module(f"backend.{name}")
+
+
 class Gateway:
     """The WebUI's modules as one object: stand-ins given by name replace the real ones."""
 

@@ -8,12 +8,36 @@ from ... import archs
 from ...errors import SPMRuntimeError
 
 
+def is_forge(sd_model) -> bool:
+    """Whether this is a Forge diffusion engine (``backend.diffusion_engine.*``), which keeps its
+    UNet, text encoders and VAE in ``forge_objects`` and has no ``.model``."""
+    return getattr(sd_model, "forge_objects", None) is not None
+
+
 def unet_of(sd_model) -> torch.nn.Module:
-    """The LDM/sgm ``UNetModel`` the WebUI denoises with."""
+    """The LDM/sgm ``UNetModel`` the WebUI denoises with (Forge: its ``IntegratedUNet2DConditionModel``,
+    whose module objects persist across generations; a checkpoint change builds a new one)."""
+    if type(sd_model).__name__ == "FakeInitialModel":  # Forge's placeholder until the first generation
+        raise SPMRuntimeError("Forge has not loaded a model yet (it loads one at the first generation): "
+                              "generate an image first")
+    if is_forge(sd_model):
+        try:
+            return sd_model.forge_objects.unet.model.diffusion_model
+        except AttributeError:
+            raise SPMRuntimeError("this Forge model has no forge_objects.unet.model.diffusion_model") from None
     try:
         return sd_model.model.diffusion_model
     except AttributeError:
         raise SPMRuntimeError("this model has no model.diffusion_model: not a WebUI Stable Diffusion model") from None
+
+
+def alphas_cumprod_of(sd_model):
+    """The noise schedule: the WebUI's ``sd_model.alphas_cumprod``, Forge's predictor's."""
+    owner = sd_model.forge_objects.unet.model.predictor if is_forge(sd_model) else sd_model
+    acp = getattr(owner, "alphas_cumprod", None)
+    if acp is None:
+        raise SPMRuntimeError("this model has no alphas_cumprod (not a DDPM-style noise schedule)")
+    return acp
 
 
 def conditioning_of(args: tuple, kwargs: dict) -> torch.Tensor:
@@ -58,3 +82,21 @@ def model_kind(sd_model) -> str:
         return arch
     raise SPMRuntimeError(f"unknown model type ({type(sd_model).__name__}): SPM training supports SD1.x, SD2.x "
                           "and SDXL")
+
+
+def parameterization_of(sd_model) -> str:
+    """``eps`` or ``v``: the WebUI's ``sd_model.parameterization``, Forge's predictor's ``prediction_type``."""
+    if is_forge(sd_model):
+        kind = getattr(sd_model.forge_objects.unet.model.predictor, "prediction_type", "epsilon")
+        return {"epsilon": "eps", "eps": "eps", "v_prediction": "v"}.get(kind, kind)
+    return getattr(sd_model, "parameterization", "eps")
+
+
+def compute_dtype_of(sd_model, unet: torch.nn.Module) -> torch.dtype:
+    """The dtype the UNet computes in: Forge's ``computation_dtype`` (its weights may be stored
+    in fp8/NF4/GGUF), else its first parameter's."""
+    if is_forge(sd_model):
+        dtype = getattr(sd_model.forge_objects.unet.model, "computation_dtype", None)
+        if isinstance(dtype, torch.dtype):
+            return dtype
+    return next(unet.parameters()).dtype

@@ -50,7 +50,7 @@ import torch
 
 from ...errors import SPMRuntimeError, SPMShapeError, SPMValueError
 from .gateway import webui
-from .model import conditioning_of
+from .model import conditioning_of, is_forge
 
 CHUNK = 77  # tokens per encoded chunk: start, 75 prompt tokens, end (sd_hijack_clip)
 
@@ -198,13 +198,15 @@ class RowTexts:
                                                                           hires_steps, use_old_scheduling)]
 
     @classmethod
-    def from_processing(cls, p, cond=None, uncond=None, *, opts=None, parser=None) -> "RowTexts | None":
+    def from_processing(cls, p, cond=None, uncond=None, *, opts=None, parser=None,
+                        uncond_optional: bool = False) -> "RowTexts | None":
         """From a processing object and the conditioning the sampler uses (default ``p.get_conds()``).
 
         None if the texts do not reproduce the schedules of that conditioning (another script's
-        prompts, or steps we cannot tell).
+        prompts, or steps we cannot tell). ``uncond_optional``: an uncond of None (Forge at CFG 1
+        encodes no negative prompt) is not compared.
         """
-        if cond is None or uncond is None:
+        if cond is None or (uncond is None and not uncond_optional):
             cond, uncond = p.get_conds()
         opts = opts if opts is not None else _webui_opts()
         old = bool(getattr(opts, "use_old_scheduling", False))
@@ -218,7 +220,7 @@ class RowTexts:
                             use_old_scheduling=old, parser=parser)
         except (AttributeError, IndexError, TypeError, SPMValueError):
             return None
-        return texts if texts.matches(cond, uncond) else None
+        return texts if texts.matches(cond, uncond, uncond_optional=uncond_optional) else None
 
     @property
     def images(self) -> int:
@@ -242,13 +244,14 @@ class RowTexts:
         uncond = self.uncond(step)
         return self.cond(step) + uncond + (uncond if edit else [])
 
-    def matches(self, cond, uncond) -> bool:
+    def matches(self, cond, uncond, uncond_optional: bool = False) -> bool:
         """Whether a WebUI multicond conditioning and uncond schedules have exactly our schedules."""
         try:
             ours = [[[e for e, _ in self._cond[i]] for i, _ in image] for image in self.subprompts]
             theirs = [[[s.end_at_step for s in c.schedules] for c in image] for image in cond.batch]
             ours_u = [[e for e, _ in s] for s in self._uncond]
-            theirs_u = [[s.end_at_step for s in schedule] for schedule in uncond]
+            theirs_u = ours_u if uncond is None and uncond_optional else \
+                [[s.end_at_step for s in schedule] for schedule in uncond]
         except (AttributeError, TypeError):
             return False
         return ours == theirs and ours_u == theirs_u
@@ -411,3 +414,23 @@ class WebUIRows:
         texts = RowTexts.from_processing(p, c, uc, opts=opts, parser=self._parser)
         self._texts_cache = (c, uc, texts)
         return texts
+
+
+# -- the host's flavour ----------------------------------------------------------------------
+
+def tokens_for(sd_model) -> PromptTokens:
+    """The prompt tokenizer of this model: the WebUI's, or Forge's text engine."""
+    if is_forge(sd_model):
+        from .forge import ForgeTokens
+
+        return ForgeTokens(sd_model)
+    return PromptTokens(sd_model)
+
+
+def rows_for(tokens: PromptTokens, *, sd_model, opts=None):
+    """A session's row reader for this model: the WebUI's ``CFGDenoiser`` layout, or Forge's."""
+    if is_forge(sd_model):
+        from .forge import ForgeRows
+
+        return ForgeRows(tokens, opts=opts)
+    return WebUIRows(tokens, sd_model=sd_model, opts=opts)
