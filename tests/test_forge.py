@@ -162,7 +162,7 @@ def forge(world, tmp_path):
 
 def _load(f, **cmd_opts):
     mod, modules = miniwebui.load(f.models, **cmd_opts)
-    modules.shared.sd_model = None
+    modules.shared.sd_model = miniforge.FakeInitialModel()  # until the first generation loads the model
     return SimpleNamespace(mod=mod, modules=modules, script=mod.SPMScript())
 
 
@@ -250,10 +250,11 @@ def test_bad_arguments_refuse_in_forge(forge, bad, message, code):
     w.mod.ext().shutdown()
 
 
-def test_enforcement_acts_in_forge_and_fails_closed_when_it_cannot(forge):
+def test_enforcement_acts_in_forge_and_fails_closed_when_it_cannot(forge, caplog):
     w = _load(forge, spm_enforce="circle:1")
     status, body = _api(w, forge, args(enabled=False), ["a red circle"], first=True)
     assert status == 200 and body["info"]["SPM enforced"] == "circle:1", body
+    assert "cannot guard" not in caplog.text  # Forge's placeholder model has no UNet to guard
     w.mod.ext().shutdown()
     miniwebui.unload()
     w = _load(forge, spm_enforce="xl:1")

@@ -21,6 +21,15 @@ import miniwebui
 from .backend.sampling.sampling_function import sampling_function
 
 
+class FakeInitialModel:
+    """``shared.sd_model`` until the first generation loads the real one (Forge
+    ``modules/sd_models.py``): no UNet, no ``forge_objects``."""
+
+    def __init__(self):
+        self.cond_stage_model = None
+        self.chunk_length = 75
+
+
 class Processing(miniwebui.Processing):
     def __init__(self, sd_model, prompts, negatives, steps, parser, cfg_scale):
         super().__init__(sd_model, prompts, negatives, steps, parser)

@@ -52,7 +52,7 @@ from ...values import number
 from .args import INFO_ENFORCED, INFO_FT, INFO_HASHES, INFO_KEYS, INFO_SKIPPED, INFO_SPM, INFO_UNGATED, MAX_FACTOR, \
     ApplyArgs, Choice, merge_choices, tag_choices
 from .gateway import Gateway
-from .model import model_arch, unet_of
+from .model import is_placeholder, model_arch, unet_of
 from .rows import WebUIConcepts, WebUIRows, rows_for, tokens_for
 
 log = logging.getLogger("sd-webui-spm")
@@ -307,8 +307,9 @@ class SPMController:
         self._guards.clear()
 
     def watch(self, sd_model) -> None:
-        """Put the guard on this model's UNet (once per UNet object)."""
-        if sd_model is None:
+        """Put the guard on this model's UNet (once per UNet object). Forge's placeholder has
+        none: the guard goes on the real model when Forge loads it (``model_changed``)."""
+        if sd_model is None or is_placeholder(sd_model):
             return
         try:
             unet = unet_of(sd_model)

@@ -14,10 +14,16 @@ def is_forge(sd_model) -> bool:
     return getattr(sd_model, "forge_objects", None) is not None
 
 
+def is_placeholder(sd_model) -> bool:
+    """Forge's ``FakeInitialModel``: what ``shared.sd_model`` holds until the first generation
+    loads the real model (``on_model_loaded`` fires then). It has no UNet to run."""
+    return type(sd_model).__name__ == "FakeInitialModel"
+
+
 def unet_of(sd_model) -> torch.nn.Module:
     """The LDM/sgm ``UNetModel`` the WebUI denoises with (Forge: its ``IntegratedUNet2DConditionModel``,
     whose module objects persist across generations; a checkpoint change builds a new one)."""
-    if type(sd_model).__name__ == "FakeInitialModel":  # Forge's placeholder until the first generation
+    if is_placeholder(sd_model):
         raise SPMRuntimeError("Forge has not loaded a model yet (it loads one at the first generation): "
                               "generate an image first")
     if is_forge(sd_model):
