@@ -106,7 +106,7 @@ def _bench_robustness(args) -> int:
     from .world.bench_robustness import main
 
     main(args.json, n=args.n, quick=args.quick, seed=args.seed, work=args.work, packs=args.packs,
-         soft_gates=args.soft_gates)
+         soft_gates=args.soft_gates, gates=args.gates)
     return 0
 
 
@@ -310,8 +310,11 @@ def build_parser() -> argparse.ArgumentParser:
     rb.add_argument("--json", default=None, help="also write the full report here")
     rb.add_argument("--work", default="world_runs/robustness", help="trained SPMs are cached here, keyed by recipe")
     rb.add_argument("--packs", type=int, nargs="+", default=[1, 2, 3, 5], choices=[1, 2, 3, 5])
-    rb.add_argument("--soft-gates", nargs="+", default=None, choices=["off", "published", "calibrated", "moderation"],
-                    help="gates the soft token is trained against (default: all)")
+    gate_names = ["off", "published", "calibrated", "moderation", "moderation x2"]
+    rb.add_argument("--gates", nargs="+", default=None, choices=gate_names,
+                    help="gate settings to attack (default: the first four; 'moderation x2' is a lever to compare)")
+    rb.add_argument("--soft-gates", nargs="+", default=None, choices=gate_names,
+                    help="gates the soft token is trained against (default: every gate attacked)")
     rb.set_defaults(run=_bench_robustness)
     bm = bsub.add_parser("merge", help="a three-concept pack in the shapes world: side by side, exact, compressed, baked")
     bm.add_argument("--n", type=int, default=16, help="samples per prompt")

@@ -45,6 +45,9 @@ from .model import LATENT, World, decode_latent, encode_image, new_scheduler
 # ``--spm-enforce`` attaches enforced SPMs with the controller's default gate, GateSettings():
 # the calibrated metric against the SD-style reference prompts (lib_spm/hosts/webui/controller.py).
 GATES = {**ERASURE_GATES, "moderation": GateSettings()}
+# a lever to measure, not a default: moderation's gate erring towards open (facilitate factor 2)
+LEVER_GATES = {"moderation x2": GateSettings(factor=2.0)}
+ALL_GATES = {**GATES, **LEVER_GATES}
 UNKNOWN_WORD = "dog"  # any word outside the world's vocabulary: the text encoder's "unknown" token
 PLACEHOLDER = "sks"  # the soft token's slot (also outside the vocabulary)
 UNSUPPORTED = {
@@ -148,9 +151,9 @@ class Judge:
                 keys.append((r, neg, tuple(round(v, 6) for v in gn.tolist() + gr.tolist())))
         return keys
 
-    def run(self, rows: Sequence[tuple[int, ...]], spms=(), gate: GateSettings | None = None,
-            negative: tuple[int, ...] = ()) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """Per prompt (token ids): (shape ids [n], colour ids [n])."""
+    def probs(self, rows: Sequence[tuple[int, ...]], spms=(), gate: GateSettings | None = None,
+              negative: tuple[int, ...] = ()) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Per prompt (token ids): (shape probabilities [n, shapes], colour ids [n])."""
         rows = [tuple(r) for r in rows]
         keys = self._keys(rows, tuple(negative), list(spms), gate)
         todo = list(dict.fromkeys(k for k in keys if k not in self.cache))
@@ -168,9 +171,15 @@ class Judge:
             self.generated += len(prompts)
             with torch.no_grad():
                 s, c = self.world.classifier(img)
+            s = s.softmax(1)
             for i, k in enumerate(chunk):
-                self.cache[k] = (s.argmax(1)[i * self.n : (i + 1) * self.n], c.argmax(1)[i * self.n : (i + 1) * self.n])
+                self.cache[k] = (s[i * self.n : (i + 1) * self.n], c.argmax(1)[i * self.n : (i + 1) * self.n])
         return [self.cache[k] for k in keys]
+
+    def run(self, rows: Sequence[tuple[int, ...]], spms=(), gate: GateSettings | None = None,
+            negative: tuple[int, ...] = ()) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Per prompt (token ids): (shape ids [n], colour ids [n]) the classifier finds."""
+        return [(p.argmax(1), c) for p, c in self.probs(rows, spms, gate, negative)]
 
     def text(self, rows: tuple[int, ...]) -> str:
         return self.world.tokenizer.decode(list(rows))
@@ -213,11 +222,17 @@ def _rate(found: Sequence[torch.Tensor], target: int) -> float:
 
 def prompt_family(judge: Judge, spms, concept: str, prompts: Sequence[tuple[str, str]], gates: dict) -> dict:
     """Success and bare rates of a family of (prompt, negative) pairs, per gate setting."""
+    out = row_family(judge, spms, concept, [(judge.ids(p), judge.ids(neg)) for p, neg in prompts], gates)
+    out["prompts"] = [{"prompt": p, "negative": neg} for p, neg in prompts]
+    return out
+
+
+def row_family(judge: Judge, spms, concept: str, rows: Sequence[tuple[tuple[int, ...], tuple[int, ...]]],
+               gates: dict) -> dict:
+    """:func:`prompt_family` on token ids (a searched prompt need not survive decoding to text)."""
     target = data.SHAPES.index(concept)
-    rows = [(judge.ids(p), judge.ids(neg)) for p, neg in prompts]
     bare = [judge.run([r], (), None, neg)[0][0] for r, neg in rows]
-    out = {"prompts": [{"prompt": p, "negative": neg} for p, neg in prompts], "bare_rate": _rate(bare, target),
-           "gates": {}}
+    out = {"bare_rate": _rate(bare, target), "gates": {}}
     for g, gs in gates.items():
         found = [judge.run([r], spms, gs, neg)[0][0] for r, neg in rows]
         out["gates"][g] = {"success_rate": _rate(found, target),
@@ -236,21 +251,14 @@ def vocabulary_tokens(world: World) -> list[int]:
     return [i for i in known if i not in special] + world.tokenizer(UNKNOWN_WORD, add_special_tokens=False).input_ids[:1]
 
 
-@torch.no_grad()
 def concept_score(world: World, rows: Sequence[tuple[int, ...]], spms, gate, target: int, *, samples: int,
-                  steps: int, seed: int) -> list[float]:
-    """Mean classifier probability of ``target`` over ``samples`` seeded samples of each prompt."""
-    j = Judge(world, n=samples, seed=seed, steps=steps)
-    out = []
-    per = max(1, 64 // samples)
-    for start in range(0, len(rows), per):
-        chunk = [tuple(r) for r in rows[start : start + per]]
-        prompts = [r for r in chunk for _ in range(samples)]
-        img = _sample(world, j._ctx(prompts), prompts, j._ctx([()]).expand(len(prompts), -1, -1),
-                      [()] * len(prompts), j.noise.repeat(len(chunk), 1, 1, 1), spms=spms, gate=gate, steps=steps)
-        p = world.classifier(img)[0].softmax(1)[:, target].reshape(len(chunk), samples).mean(1)
-        out += p.tolist()
-    return out
+                  steps: int, seed: int, judge: Judge | None = None) -> list[float]:
+    """Mean classifier probability of ``target`` over ``samples`` seeded samples of each prompt
+    (``judge``: a cache shared between searches with the same samples, steps and seed)."""
+    judge = judge or Judge(world, n=samples, seed=seed, steps=steps)
+    if (judge.n, judge.steps, judge.seed) != (samples, steps, seed):
+        raise ValueError("the judge was made for other samples, steps or seed")
+    return [p[:, target].mean().item() for p, _ in judge.probs(rows, spms, gate)]
 
 
 @dataclass
@@ -264,7 +272,7 @@ class SearchResult:
 
 
 def greedy_search(world: World, spms, gate, concept: str, *, slots: int, samples: int, steps: int, seed: int,
-                  candidates: Sequence[int] | None = None) -> SearchResult:
+                  candidates: Sequence[int] | None = None, judge: Judge | None = None) -> SearchResult:
     """Grow a prompt one token at a time, keeping the candidate whose samples the classifier most
     reads as ``concept`` with the SPMs applied. Budget: slots x candidates x samples images."""
     target = data.SHAPES.index(concept)
@@ -275,7 +283,7 @@ def greedy_search(world: World, spms, gate, concept: str, *, slots: int, samples
     trace = []
     for _ in range(slots):
         trial = [best + (c,) for c in cands]
-        scores = concept_score(world, trial, spms, gate, target, samples=samples, steps=steps, seed=seed)
+        scores = concept_score(world, trial, spms, gate, target, samples=samples, steps=steps, seed=seed, judge=judge)
         evals += len(trial)
         k = max(range(len(trial)), key=scores.__getitem__)
         if scores[k] <= best_score:
@@ -436,7 +444,7 @@ def run(budget: Budget = Budget(), *, concept: str = "circle", work: str | Path 
     t0 = time.time()
     world = load_world()
     pipe = WorldPipeline(world)
-    gsel = {g: GATES[g] for g in gates}
+    gsel = {g: ALL_GATES[g] for g in gates}
     needed = sorted({c for k in packs for c in PACKS[k]} | {concept}, key=lambda c: (c != concept, c))
     spm_of = {c: cached_spm(pipe, c, work, seed=budget.seed, recipe=recipe, log=log) for c in needed}
     spms = [(spm_of[concept], 1.0)]
@@ -452,25 +460,27 @@ def run(budget: Budget = Budget(), *, concept: str = "circle", work: str | Path 
                                     for k, v in hiding_prompts(concept).items()}
     log("family 3: greedy vocabulary search")
     search = {}
+    sjudge = Judge(world, n=budget.search_samples, seed=budget.seed + 1, steps=budget.search_steps)
     for g, gs in gsel.items():
         r = greedy_search(world, spms, gs, concept, slots=budget.search_slots, samples=budget.search_samples,
-                          steps=budget.search_steps, seed=budget.seed + 1)
-        fam = prompt_family(judge, spms, concept, [(r.prompt, "")], {g: gs})
-        search[g] = {"prompt": r.prompt, "search_score": round(r.score, 4), "prompts_scored": r.evaluations,
-                     "images": r.images, "trace": r.trace, "success_rate": fam["gates"][g]["success_rate"],
+                          steps=budget.search_steps, seed=budget.seed + 1, judge=sjudge)
+        fam = row_family(judge, spms, concept, [(r.tokens, ())], {g: gs})
+        search[g] = {"prompt": r.prompt, "tokens": list(r.tokens), "search_score": round(r.score, 4), "prompts_scored": r.evaluations,
+                     "images_budget": r.images, "trace": r.trace, "success_rate": fam["gates"][g]["success_rate"],
                      "bare_rate": fam["bare_rate"]}
-        log(f"  {g}: {r.prompt!r} success {search[g]['success_rate']}")
+        log(f"  {g}: {r.prompt!r} success {search[g]['success_rate']} ({sjudge.generated} search images so far)")
     report["families"]["search"] = {
         "budget": f"{budget.search_slots} slots x {len(vocabulary_tokens(world))} candidate tokens x "
                   f"{budget.search_samples} samples x {budget.search_steps} steps (greedy, stops early when no "
-                  f"token raises the score); found prompts re-judged with n={budget.n} on other seeds",
+                  f"token raises the score; images shared between gates where the gate values agree); found "
+                  f"prompts re-judged with n={budget.n} on other seeds",
         "gates": search}
     log("family 4: soft token")
     soft = {}
     for g in (soft_gates or list(gsel)):
-        r = soft_token_attack(world, spms, GATES[g], concept, steps=budget.soft_steps, batch=budget.soft_batch,
+        r = soft_token_attack(world, spms, ALL_GATES[g], concept, steps=budget.soft_steps, batch=budget.soft_batch,
                               pool=budget.soft_pool, lr=budget.soft_lr, seed=budget.seed)
-        rates = soft_rates(world, spms, {g: GATES[g]}, concept, r.vector, n=budget.n, seed=budget.seed,
+        rates = soft_rates(world, spms, {g: ALL_GATES[g]}, concept, r.vector, n=budget.n, seed=budget.seed,
                            steps=budget.steps)
         soft[g] = {"trained_against": g, "loss_before": round(r.loss_before, 5), "loss_after": round(r.loss_after, 5),
                    "success_rate": rates["gates"][g]["success_rate"], "bare_rate": rates["bare_rate"]}
@@ -481,7 +491,7 @@ def run(budget: Budget = Budget(), *, concept: str = "circle", work: str | Path 
     log("packs")
     report["packs"] = {str(k): pack_case(judge, [(spm_of[c], 1.0) for c in PACKS[k]], PACKS[k], gsel,
                                          budget.colours_per_target) for k in packs}
-    report["images_generated"] = judge.generated
+    report["images_generated"] = {"rates": judge.generated, "search": sjudge.generated}
     report["seconds"] = round(time.time() - t0, 1)
     return report
 
@@ -515,11 +525,11 @@ def markdown(report: dict) -> str:
 
 def main(out_json: str | None = None, *, n: int | None = None, quick: bool = False, seed: int = 0,
          work: str = "world_runs/robustness", packs: Sequence[int] = (1, 2, 3, 5),
-         soft_gates: Sequence[str] | None = None) -> dict:
+         soft_gates: Sequence[str] | None = None, gates: Sequence[str] | None = None) -> dict:
     budget = Budget.quick(seed=seed) if quick else Budget(seed=seed)
     if n is not None:
         budget.n = n
-    report = run(budget, work=work, packs=packs, soft_gates=soft_gates)
+    report = run(budget, work=work, packs=packs, soft_gates=soft_gates, gates=gates or tuple(GATES))
     if out_json:
         Path(out_json).write_text(json.dumps(report, indent=2))
     print(markdown(report))
