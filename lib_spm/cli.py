@@ -106,7 +106,7 @@ def _bench_robustness(args) -> int:
     from .world.bench_robustness import main
 
     main(args.json, n=args.n, quick=args.quick, seed=args.seed, work=args.work, packs=args.packs,
-         soft_gates=args.soft_gates, gates=args.gates)
+         soft_gates=args.soft_gates, gates=args.gates, budget_spec=args.budget, attacks=not args.packs_only)
     return 0
 
 
@@ -315,6 +315,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="gate settings to attack (default: the first four; 'moderation x2' is a lever to compare)")
     rb.add_argument("--soft-gates", nargs="+", default=None, choices=gate_names,
                     help="gates the soft token is trained against (default: every gate attacked)")
+    rb.add_argument("--budget", default=None, metavar="NAME=VALUE,...",
+                    help="override budget fields (n, steps, search_slots, search_samples, search_steps, soft_steps, ...)")
+    rb.add_argument("--packs-only", action="store_true", help="measure the packs only (no attacks)")
     rb.set_defaults(run=_bench_robustness)
     bm = bsub.add_parser("merge", help="a three-concept pack in the shapes world: side by side, exact, compressed, baked")
     bm.add_argument("--n", type=int, default=16, help="samples per prompt")

@@ -118,3 +118,13 @@ def test_pack_case_reports_erase_per_concept_and_preservation(tiny):
     r = out["gates"]["off"]
     assert set(r["erase"]) == set(concepts) and all(_in_unit(v) for v in r["erase"].values())
     assert r["min_erase"] == min(r["erase"].values()) and r["preservation"] >= 0.0
+
+
+def test_budget_overrides_are_typed_and_bad_ones_refused():
+    from lib_spm.errors import SPMError
+
+    b = br.Budget().with_overrides("n=5, soft_lr=0.02")
+    assert (b.n, b.soft_lr) == (5, 0.02) and isinstance(b.n, int)
+    for bad in ("nope=3", "n=", "n=two"):
+        with pytest.raises(SPMError, match="budget setting"):
+            br.Budget().with_overrides(bad)

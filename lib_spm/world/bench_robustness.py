@@ -35,6 +35,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..errors import SPMValueError
 from ..session import GateSettings, Session
 from ..spm_file import SPMFile
 from . import data
@@ -69,9 +70,25 @@ class Budget:
     soft_steps: int = 100  # soft-token optimisation steps
     soft_batch: int = 8
     soft_pool: int = 64  # fixed (image, t, noise) pool the soft token is fitted on
-    soft_lr: float = 5e-2
+    soft_lr: float = 1e-2  # 5e-2 raised the pool loss in a 15-step check
     colours_per_target: int = 3  # packs: target prompts per erased concept
     seed: int = 0
+
+    def with_overrides(self, spec: str | None) -> "Budget":
+        """``"soft_steps=40,search_slots=2"``: fields set by name, each converted to its field's type."""
+        if not spec:
+            return self
+        kinds = {f: type(v) for f, v in asdict(self).items()}
+        for part in spec.split(","):
+            key, _, value = part.partition("=")
+            key = key.strip()
+            if key not in kinds or not value.strip():
+                raise SPMValueError(f"budget setting {part!r}: give NAME=VALUE with NAME one of {sorted(kinds)}")
+            try:
+                setattr(self, key, kinds[key](value.strip()))
+            except ValueError:
+                raise SPMValueError(f"budget setting {part!r}: {value.strip()!r} is not a {kinds[key].__name__}") from None
+        return self
 
     @classmethod
     def quick(cls, n: int = 4, seed: int = 0) -> "Budget":
@@ -436,7 +453,9 @@ def pack_case(judge: Judge, spms, concepts: Sequence[str], gates: dict, colours_
 
 def run(budget: Budget = Budget(), *, concept: str = "circle", work: str | Path = "world_runs/robustness",
         packs: Sequence[int] = (1, 2, 3, 5), gates: Sequence[str] = tuple(GATES), soft_gates: Sequence[str] | None = None,
-        recipe: dict | None = None, log: Callable = print) -> dict:
+        recipe: dict | None = None, attacks: bool = True, log: Callable = print,
+        save: Callable[[dict], None] | None = None) -> dict:
+    """``save`` gets the report after each part, so a run cut short keeps what it measured."""
     from .model import load_world
     from .pipeline import WorldPipeline
     from .spm_cache import cached_spm
@@ -452,15 +471,36 @@ def run(budget: Budget = Budget(), *, concept: str = "circle", work: str | Path 
     report: dict = {"concept": concept, "budget": asdict(budget), "gates": {g: asdict(s) for g, s in gsel.items()},
                     "recipe": {**WORLD_RECIPE, **(recipe or {})},
                     "unsupported": UNSUPPORTED, "families": {}}
+    sjudge = Judge(world, n=budget.search_samples, seed=budget.seed + 1, steps=budget.search_steps)
+    report["packs"] = {}
+
+    def part_done():
+        report["images_generated"] = {"rates": judge.generated, "search": sjudge.generated}
+        report["seconds"] = round(time.time() - t0, 1)
+        if save:
+            save(report)
+
+    if attacks:
+        _attacks(report, world, judge, sjudge, spms, concept, gsel, budget, soft_gates, log, part_done)
+    for k in packs:
+        log(f"pack of {k}")
+        report["packs"][str(k)] = pack_case(judge, [(spm_of[c], 1.0) for c in PACKS[k]], PACKS[k], gsel,
+                                            budget.colours_per_target)
+        part_done()
+    return report
+
+
+def _attacks(report, world, judge, sjudge, spms, concept, gsel, budget, soft_gates, log, part_done) -> None:
     log("family 1: naming it otherwise")
     report["families"]["naming"] = {k: prompt_family(judge, spms, concept, [(p, "") for p in v], gsel)
                                     for k, v in naming_prompts(concept).items()}
+    part_done()
     log("family 2: hiding it")
     report["families"]["hiding"] = {k: prompt_family(judge, spms, concept, v, gsel)
                                     for k, v in hiding_prompts(concept).items()}
+    part_done()
     log("family 3: greedy vocabulary search")
     search = {}
-    sjudge = Judge(world, n=budget.search_samples, seed=budget.seed + 1, steps=budget.search_steps)
     for g, gs in gsel.items():
         r = greedy_search(world, spms, gs, concept, slots=budget.search_slots, samples=budget.search_samples,
                           steps=budget.search_steps, seed=budget.seed + 1, judge=sjudge)
@@ -475,6 +515,7 @@ def run(budget: Budget = Budget(), *, concept: str = "circle", work: str | Path 
                   f"token raises the score; images shared between gates where the gate values agree); found "
                   f"prompts re-judged with n={budget.n} on other seeds",
         "gates": search}
+    part_done()
     log("family 4: soft token")
     soft = {}
     for g in (soft_gates or list(gsel)):
@@ -488,12 +529,6 @@ def run(budget: Budget = Budget(), *, concept: str = "circle", work: str | Path 
     report["families"]["soft token"] = {
         "budget": f"{budget.soft_steps} Adam steps (lr {budget.soft_lr}) of batch {budget.soft_batch} from a pool of "
                   f"{budget.soft_pool} rendered {concept}s, prompt 'a <v>', init from 'picture'", "gates": soft}
-    log("packs")
-    report["packs"] = {str(k): pack_case(judge, [(spm_of[c], 1.0) for c in PACKS[k]], PACKS[k], gsel,
-                                         budget.colours_per_target) for k in packs}
-    report["images_generated"] = {"rates": judge.generated, "search": sjudge.generated}
-    report["seconds"] = round(time.time() - t0, 1)
-    return report
 
 
 def summary(report: dict) -> dict:
@@ -525,12 +560,13 @@ def markdown(report: dict) -> str:
 
 def main(out_json: str | None = None, *, n: int | None = None, quick: bool = False, seed: int = 0,
          work: str = "world_runs/robustness", packs: Sequence[int] = (1, 2, 3, 5),
-         soft_gates: Sequence[str] | None = None, gates: Sequence[str] | None = None) -> dict:
-    budget = Budget.quick(seed=seed) if quick else Budget(seed=seed)
+         soft_gates: Sequence[str] | None = None, gates: Sequence[str] | None = None, budget_spec: str | None = None,
+         attacks: bool = True) -> dict:
+    budget = (Budget.quick(seed=seed) if quick else Budget(seed=seed)).with_overrides(budget_spec)
     if n is not None:
         budget.n = n
-    report = run(budget, work=work, packs=packs, soft_gates=soft_gates, gates=gates or tuple(GATES))
-    if out_json:
-        Path(out_json).write_text(json.dumps(report, indent=2))
+    save = (lambda r: Path(out_json).write_text(json.dumps(r, indent=2))) if out_json else None
+    report = run(budget, work=work, packs=packs, soft_gates=soft_gates, gates=gates or tuple(GATES), attacks=attacks,
+                 save=save)
     print(markdown(report))
     return report
