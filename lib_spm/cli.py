@@ -106,7 +106,7 @@ def _bench_robustness(args) -> int:
     from .world.bench_robustness import main
 
     main(args.json, n=args.n, quick=args.quick, seed=args.seed, work=args.work, packs=args.packs,
-         soft_gates=args.soft_gates, gates=args.gates, budget_spec=args.budget, attacks=not args.packs_only)
+         soft_gates=args.soft_gates, gates=args.gates, budget_spec=args.budget, attacks=args.attacks)
     return 0
 
 
@@ -309,7 +309,7 @@ def build_parser() -> argparse.ArgumentParser:
     rb.add_argument("--seed", type=int, default=0)
     rb.add_argument("--json", default=None, help="also write the full report here")
     rb.add_argument("--work", default="world_runs/robustness", help="trained SPMs are cached here, keyed by recipe")
-    rb.add_argument("--packs", type=int, nargs="+", default=[1, 2, 3, 5], choices=[1, 2, 3, 5])
+    rb.add_argument("--packs", type=int, nargs="*", default=[1, 2, 3, 5], choices=[1, 2, 3, 5])
     gate_names = ["off", "published", "calibrated", "moderation", "moderation x2"]
     rb.add_argument("--gates", nargs="+", default=None, choices=gate_names,
                     help="gate settings to attack (default: the first four; 'moderation x2' is a lever to compare)")
@@ -317,7 +317,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="gates the soft token is trained against (default: every gate attacked)")
     rb.add_argument("--budget", default=None, metavar="NAME=VALUE,...",
                     help="override budget fields (n, steps, search_slots, search_samples, search_steps, soft_steps, ...)")
-    rb.add_argument("--packs-only", action="store_true", help="measure the packs only (no attacks)")
+    rb.add_argument("--attacks", nargs="*", default=["naming", "hiding", "search", "soft"],
+                    choices=["naming", "hiding", "search", "soft"], help="attack families to run (none: packs only)")
     rb.set_defaults(run=_bench_robustness)
     bm = bsub.add_parser("merge", help="a three-concept pack in the shapes world: side by side, exact, compressed, baked")
     bm.add_argument("--n", type=int, default=16, help="samples per prompt")

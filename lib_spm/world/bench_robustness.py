@@ -70,7 +70,7 @@ class Budget:
     soft_steps: int = 100  # soft-token optimisation steps
     soft_batch: int = 8
     soft_pool: int = 64  # fixed (image, t, noise) pool the soft token is fitted on
-    soft_lr: float = 1e-2  # 5e-2 raised the pool loss in a 15-step check
+    soft_lr: float = 2e-3  # input embeddings here have norm ~0.2: 1e-2 and 5e-2 wandered (pool loss rose)
     colours_per_target: int = 3  # packs: target prompts per erased concept
     seed: int = 0
 
@@ -407,6 +407,7 @@ def soft_rates(world: World, spms, gates: dict, concept: str, vec: torch.Tensor,
 
 # -- packs ----------------------------------------------------------------------------------------
 
+FAMILIES = ("naming", "hiding", "search", "soft")
 PACKS = {1: ("circle",), 2: ("circle", "star"), 3: ("circle", "star", "square"),
          5: ("circle", "star", "square", "red", "blue")}
 
@@ -453,7 +454,7 @@ def pack_case(judge: Judge, spms, concepts: Sequence[str], gates: dict, colours_
 
 def run(budget: Budget = Budget(), *, concept: str = "circle", work: str | Path = "world_runs/robustness",
         packs: Sequence[int] = (1, 2, 3, 5), gates: Sequence[str] = tuple(GATES), soft_gates: Sequence[str] | None = None,
-        recipe: dict | None = None, attacks: bool = True, log: Callable = print,
+        recipe: dict | None = None, attacks: Sequence[str] = FAMILIES, log: Callable = print,
         save: Callable[[dict], None] | None = None) -> dict:
     """``save`` gets the report after each part, so a run cut short keeps what it measured."""
     from .model import load_world
@@ -480,8 +481,10 @@ def run(budget: Budget = Budget(), *, concept: str = "circle", work: str | Path 
         if save:
             save(report)
 
-    if attacks:
-        _attacks(report, world, judge, sjudge, spms, concept, gsel, budget, soft_gates, log, part_done)
+    unknown = set(attacks) - set(FAMILIES)
+    if unknown:
+        raise SPMValueError(f"unknown attack families {sorted(unknown)}; choose from {FAMILIES}")
+    _attacks(report, world, judge, sjudge, spms, concept, gsel, budget, soft_gates, log, part_done, set(attacks))
     for k in packs:
         log(f"pack of {k}")
         report["packs"][str(k)] = pack_case(judge, [(spm_of[c], 1.0) for c in PACKS[k]], PACKS[k], gsel,
@@ -490,15 +493,26 @@ def run(budget: Budget = Budget(), *, concept: str = "circle", work: str | Path 
     return report
 
 
-def _attacks(report, world, judge, sjudge, spms, concept, gsel, budget, soft_gates, log, part_done) -> None:
-    log("family 1: naming it otherwise")
-    report["families"]["naming"] = {k: prompt_family(judge, spms, concept, [(p, "") for p in v], gsel)
-                                    for k, v in naming_prompts(concept).items()}
-    part_done()
-    log("family 2: hiding it")
-    report["families"]["hiding"] = {k: prompt_family(judge, spms, concept, v, gsel)
-                                    for k, v in hiding_prompts(concept).items()}
-    part_done()
+def _attacks(report, world, judge, sjudge, spms, concept, gsel, budget, soft_gates, log, part_done, which) -> None:
+    if "naming" in which:
+        log("family 1: naming it otherwise")
+        report["families"]["naming"] = {k: prompt_family(judge, spms, concept, [(p, "") for p in v], gsel)
+                                        for k, v in naming_prompts(concept).items()}
+        part_done()
+    if "hiding" in which:
+        log("family 2: hiding it")
+        report["families"]["hiding"] = {k: prompt_family(judge, spms, concept, v, gsel)
+                                        for k, v in hiding_prompts(concept).items()}
+        part_done()
+    if "search" in which:
+        _search(report, world, judge, sjudge, spms, concept, gsel, budget, log)
+        part_done()
+    if "soft" in which:
+        _soft(report, world, spms, concept, gsel, budget, soft_gates, log)
+        part_done()
+
+
+def _search(report, world, judge, sjudge, spms, concept, gsel, budget, log) -> None:
     log("family 3: greedy vocabulary search")
     search = {}
     for g, gs in gsel.items():
@@ -515,7 +529,9 @@ def _attacks(report, world, judge, sjudge, spms, concept, gsel, budget, soft_gat
                   f"token raises the score; images shared between gates where the gate values agree); found "
                   f"prompts re-judged with n={budget.n} on other seeds",
         "gates": search}
-    part_done()
+
+
+def _soft(report, world, spms, concept, gsel, budget, soft_gates, log) -> None:
     log("family 4: soft token")
     soft = {}
     for g in (soft_gates or list(gsel)):
@@ -561,7 +577,7 @@ def markdown(report: dict) -> str:
 def main(out_json: str | None = None, *, n: int | None = None, quick: bool = False, seed: int = 0,
          work: str = "world_runs/robustness", packs: Sequence[int] = (1, 2, 3, 5),
          soft_gates: Sequence[str] | None = None, gates: Sequence[str] | None = None, budget_spec: str | None = None,
-         attacks: bool = True) -> dict:
+         attacks: Sequence[str] = FAMILIES) -> dict:
     budget = (Budget.quick(seed=seed) if quick else Budget(seed=seed)).with_overrides(budget_spec)
     if n is not None:
         budget.n = n
