@@ -64,6 +64,16 @@ def test_case_variants_share_tokens_and_results(tiny):
     assert judge.generated == made and torch.equal(a, b)
 
 
+def test_results_are_not_shared_between_spm_sets(tiny):
+    world, spms = tiny
+    judge = br.Judge(world, n=2, seed=0, steps=2)
+    row = judge.ids("a red circle")
+    other = [(spms[0][0], 1.0)]
+    for gate in (br.GATES["off"], br.GATES["published"]):
+        assert judge._keys([row], (), spms, gate) != judge._keys([row], (), other, gate)
+    assert judge._keys([row], (), spms, None) == judge._keys([row], (), other, None)  # bare is bare
+
+
 def test_a_prompt_gated_off_reuses_the_bare_image_exactly(tiny):
     """The cache's claim: a row every SPM gates off gives the bare world's image."""
     world, spms = tiny

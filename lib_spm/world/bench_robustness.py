@@ -131,7 +131,7 @@ class Judge:
     """Shapes and colours the classifier finds in n samples of a prompt, with or without SPMs.
 
     Prompts are token-id tuples (the tokenizer lowercases, so case variants share a result);
-    results are cached by (tokens, negative tokens, gate values of both rows).
+    results are cached by (tokens, negative tokens, SPM set and its gate values on both rows).
     """
 
     def __init__(self, world: World, *, n: int, seed: int, steps: int, batch: int = 64):
@@ -155,8 +155,9 @@ class Judge:
     def _keys(self, rows, neg, spms, gate) -> list:
         if not spms or gate is None:
             return [(r, neg, "bare") for r in rows]
+        which = tuple((id(spm), float(w)) for spm, w in spms)  # the SPM set: packs share one judge
         if not gate.enabled:
-            return [(r, neg, "on") for r in rows]
+            return [(r, neg, ("on", which)) for r in rows]
         with Session(self.world.unet, spms, encoder=self.world.text_encoder, gate=gate) as s:
             g = s.gates(self._ctx([neg, *rows]), [neg, *rows])
         gn = g[0]
@@ -165,7 +166,7 @@ class Judge:
             if not bool(gr.any()) and not bool(gn.any()):
                 keys.append((r, neg, "bare"))  # gated off on both rows: exactly the bare world's image
             else:
-                keys.append((r, neg, tuple(round(v, 6) for v in gn.tolist() + gr.tolist())))
+                keys.append((r, neg, (which, tuple(round(v, 6) for v in gn.tolist() + gr.tolist()))))
         return keys
 
     def probs(self, rows: Sequence[tuple[int, ...]], spms=(), gate: GateSettings | None = None,
