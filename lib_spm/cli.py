@@ -102,6 +102,14 @@ def _bench_erasure(args) -> int:
     return 0
 
 
+def _bench_robustness(args) -> int:
+    from .world.bench_robustness import main
+
+    main(args.json, n=args.n, quick=args.quick, seed=args.seed, work=args.work, packs=args.packs,
+         soft_gates=args.soft_gates, gates=args.gates, budget_spec=args.budget, attacks=args.attacks)
+    return 0
+
+
 def _bench_fuzz(args) -> int:
     from .fuzz import bench_fuzz
 
@@ -294,6 +302,24 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--json", default=None, help="also write the full report here")
     e.add_argument("--others-every", type=int, default=1, help="keep every k-th non-target prompt (cheaper)")
     e.set_defaults(run=_bench_erasure)
+    rb = bsub.add_parser("robustness", help="attacks on erasure (names, hiding, token search, soft token) and "
+                                            "packs of 1-5 SPMs in the shapes world, per gate")
+    rb.add_argument("--n", type=int, default=None, help="samples per prompt (default 16; 4 with --quick)")
+    rb.add_argument("--quick", action="store_true", help="small search and soft-token budgets (a check that it runs)")
+    rb.add_argument("--seed", type=int, default=0)
+    rb.add_argument("--json", default=None, help="also write the full report here")
+    rb.add_argument("--work", default="world_runs/robustness", help="trained SPMs are cached here, keyed by recipe")
+    rb.add_argument("--packs", type=int, nargs="*", default=[1, 2, 3, 5], choices=[1, 2, 3, 5])
+    gate_names = ["off", "published", "calibrated", "moderation", "moderation x2"]
+    rb.add_argument("--gates", nargs="+", default=None, choices=gate_names,
+                    help="gate settings to attack (default: the first four; 'moderation x2' is a lever to compare)")
+    rb.add_argument("--soft-gates", nargs="+", default=None, choices=gate_names,
+                    help="gates the soft token is trained against (default: every gate attacked)")
+    rb.add_argument("--budget", default=None, metavar="NAME=VALUE,...",
+                    help="override budget fields (n, steps, search_slots, search_samples, search_steps, soft_steps, ...)")
+    rb.add_argument("--attacks", nargs="*", default=["naming", "hiding", "search", "soft"],
+                    choices=["naming", "hiding", "search", "soft"], help="attack families to run (none: packs only)")
+    rb.set_defaults(run=_bench_robustness)
     bm = bsub.add_parser("merge", help="a three-concept pack in the shapes world: side by side, exact, compressed, baked")
     bm.add_argument("--n", type=int, default=16, help="samples per prompt")
     bm.add_argument("--seed", type=int, default=0)
