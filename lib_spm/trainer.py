@@ -16,7 +16,7 @@ import json
 import math
 import time
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Protocol
 
@@ -32,6 +32,9 @@ CHECKPOINT_FORMAT = "sd-webui-spm-train-checkpoint/1"
 # UNets this large (full-size SD: 0.86-2.6 B parameters) train with gradient checkpointing: it
 # cut the peak memory of `bench train-memory` (BENCHMARKS.md); tiny models stay fast without it.
 CHECKPOINTING_FROM_PARAMETERS = 100_000_000
+SAMPLINGS = ("fresh", "pool")
+# "pool" sampling: trajectories per pool (8 x 19 tuples at the shapes world's 20 steps)
+POOL_TRAJECTORIES = 8
 
 
 @dataclass
@@ -113,6 +116,9 @@ class TrainConfig:
     max_denoising_steps: int = 30
     denoise_cfg: float = 3.0
     batch: int = 1
+    # how x_t is made: "fresh" denoises new noise with the adapter on every iteration; "pool" draws
+    # from frozen CFG trajectories shared by many iterations (Trainer docstring, BENCHMARKS.md)
+    sampling: str = "fresh"
     seed: int = 0
     name: str = "spm"
     description: str = ""
@@ -133,6 +139,8 @@ class TrainConfig:
                 raise SPMValueError(f"{name} must be a positive number")
         if self.anchors < 0 or self.la_strength < 0:
             raise SPMValueError("anchors and la_strength cannot be negative")
+        if self.sampling not in SAMPLINGS:
+            raise SPMValueError(f"sampling must be one of {', '.join(SAMPLINGS)}, not {self.sampling!r}")
 
     def recipe(self) -> dict:
         d = asdict(self)
@@ -151,7 +159,7 @@ class TrainStatus:
     lr: float
     seconds: float
     eta_seconds: float
-    passes: int  # UNet sample-passes this iteration
+    passes: int  # UNet sample-passes this iteration (a pool refill counts in the iteration that makes it)
 
 
 @dataclass
@@ -170,6 +178,23 @@ def _lr_at(cfg: TrainConfig, step: int) -> float:
 
 
 class Trainer:
+    """One SPM's training state: adapter, optimizer, random generator and, for ``sampling="pool"``,
+    the trajectory pool.
+
+    Sampling of x_t:
+
+    - ``fresh``: every iteration denoises new noise with CFG and the adapter on to a uniform step
+      in [1, S-1], then runs the frozen model on x_t: ``2*B*idx + (2+k)*B`` frozen passes.
+    - ``pool``: full S-step CFG DDIM trajectories of the target prompts from noise with the FROZEN
+      model keep every step's (x_i, t_i, eps_uncond, eps_target); iterations draw tuples with
+      i in [1, S-1] without replacement, refilling when empty. eps_t, and eps_n when the
+      surrogate is "" (then c_n is the unconditional prompt), come free from the trajectory, so
+      only the anchors (and a non-empty surrogate) need a frozen pass. A trajectory costs 2*S
+      passes for S-1 tuples. Pool number r is made from its own generator seeded by (seed, r),
+      so a checkpoint stores only (r, position, size) and resume rebuilds the current pool: the
+      run ends bit-identical to an uninterrupted one at the price of that pool's passes again.
+    """
+
     def __init__(self, backend: Backend, cfg: TrainConfig, *, autocast: bool = True):
         self.backend, self.cfg = backend, cfg
         self.device = next(backend.unet.parameters()).device
@@ -189,6 +214,8 @@ class Trainer:
         if autocast and self.device.type == "cuda":
             self.amp_dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
         self.scaler = torch.amp.GradScaler("cuda") if self.amp_dtype == torch.float16 else None
+        self.pool: dict[str, torch.Tensor] | None = None  # "pool" sampling: the current pool's tensors
+        self.pool_state = {"refills": 0, "pos": 0, "trajectories": 0}  # pools made, tuples drawn from the last
 
     def _amp(self):
         return torch.autocast("cuda", dtype=self.amp_dtype) if self.amp_dtype is not None else nullcontext()
@@ -230,8 +257,77 @@ class Trainer:
             x = ap.sqrt() * x0 + (1 - ap).sqrt() * eps
         return x
 
+    # -- the trajectory pool ("pool" sampling) -----------------------------------------------------
+    def _pool_generator(self, r: int) -> torch.Generator:
+        return torch.Generator().manual_seed((self.cfg.seed * 1_000_003 + r) % (2**63))
+
+    def _pool_chunk(self) -> int:
+        """Trajectories per UNet call: their CFG batch stays within the fresh sampler's frozen batch."""
+        k = self.cfg.anchors if self.cfg.la_strength > 0 else 0
+        return max(1, (2 + k) * self.cfg.batch // 2)
+
+    def _build_pool(self, r: int, trajectories: int) -> int:
+        """Make pool number ``r`` (deterministic in (seed, r, trajectories)); returns its UNet passes."""
+        cfg, n = self.cfg, self.cfg.max_denoising_steps
+        g = self._pool_generator(r)
+        prompts = torch.randint(len(self._prompts), (trajectories,), generator=g)
+        x = torch.randn(trajectories, *self.backend.latent_shape, generator=g).to(self.device)
+        uncond = self._cond("")
+        xs, eus, ecs = [], [], []
+        for s in range(0, trajectories, self._pool_chunk()):
+            conds = [self._cond(self._prompts[int(p)][1].format(self._prompts[int(p)][0])) for p in prompts[s : s + self._pool_chunk()]]
+            with torch.no_grad(), self.adapter.disabled(), self._amp():
+                xc, eu, ec = self._trajectory(x[s : s + len(conds)], Conditioning.cat(conds), uncond)
+            xs.append(xc), eus.append(eu), ecs.append(ec)
+        self.pool = {"x": torch.cat(xs), "eps_u": torch.cat(eus), "eps_c": torch.cat(ecs), "prompt": prompts,
+                     "order": torch.randperm(trajectories * (n - 1), generator=g)}
+        self.pool_state = {"refills": r + 1, "pos": 0, "trajectories": trajectories}
+        return 2 * trajectories * n
+
+    def _trajectory(self, x: torch.Tensor, cond: Conditioning, uncond: Conditioning):
+        """Full CFG DDIM trajectories: x_i, eps_uncond(x_i), eps_cond(x_i) for i in [0, S-1], [b, S, ...]."""
+        both = Conditioning.cat([uncond.repeat(len(x)), cond])
+        xs, eus, ecs = [], [], []
+        n = self.cfg.max_denoising_steps
+        for i in range(n):
+            t = self.timesteps[i]
+            eps_u, eps_c = self.backend.predict_eps(torch.cat([x, x]), t.repeat(2 * len(x)).to(self.device), both).float().chunk(2)
+            xs.append(x), eus.append(eps_u), ecs.append(eps_c)
+            if i + 1 < n:
+                eps = eps_u + self.cfg.denoise_cfg * (eps_c - eps_u)
+                a, ap = self.acp[t], self.acp[self.timesteps[i + 1]]
+                x = (ap.sqrt() * (x - (1 - a).sqrt() * eps) / a.sqrt() + (1 - ap).sqrt() * eps).float()
+        return torch.stack(xs, 1), torch.stack(eus, 1), torch.stack(ecs, 1)
+
+    def _pool_draw(self) -> tuple[int, int, int, int]:
+        """One tuple: (trajectory, step index in [1, S-1], prompt index, passes spent refilling)."""
+        n, st = self.cfg.max_denoising_steps, self.pool_state
+        spent = 0
+        if self.pool is None and st["pos"] < st["trajectories"] * (n - 1):  # resumed mid-pool: rebuild it
+            pos = st["pos"]
+            spent = self._build_pool(st["refills"] - 1, st["trajectories"])
+            self.pool_state["pos"] = pos
+        if self.pool is None or self.pool_state["pos"] >= len(self.pool["order"]):
+            left = (self.cfg.iterations - self.step) * self.cfg.batch  # no bigger than the run still needs
+            spent += self._build_pool(self.pool_state["refills"], max(1, min(POOL_TRAJECTORIES, -(-left // (n - 1)))))
+        j = int(self.pool["order"][self.pool_state["pos"]])
+        self.pool_state["pos"] += 1
+        traj, i = divmod(j, n - 1)
+        return traj, i + 1, int(self.pool["prompt"][traj]), spent
+
+    def pool_tuples(self, count: int):
+        """Draw ``count`` pool tuples: x [count, ...], timesteps, eps_uncond, eps_target, prompt indices, passes."""
+        drawn = [self._pool_draw() for _ in range(count)]
+        tr = torch.tensor([d[0] for d in drawn])
+        ix = torch.tensor([d[1] for d in drawn])
+        p = self.pool
+        return (p["x"][tr, ix], self.timesteps[ix].to(self.device), p["eps_u"][tr, ix], p["eps_c"][tr, ix],
+                [d[2] for d in drawn], sum(d[3] for d in drawn))
+
     # -- one iteration --------------------------------------------------------------------------
     def iteration(self) -> TrainStatus:
+        if self.cfg.sampling == "pool":
+            return self._pool_iteration()
         cfg, t0 = self.cfg, time.time()
         pick = int(torch.randint(len(self._prompts), (), generator=self.gen))
         concept, template = self._prompts[pick]
@@ -250,7 +346,40 @@ class Trainer:
         with torch.no_grad(), self.adapter.disabled(), self._amp():  # frozen: nothing kept for backward
             frozen = self.backend.predict_eps(x.repeat(2 + k, 1, 1, 1), t.repeat(2 + k), frozen_conds).float()
         eps_t, eps_n, eps_a = frozen[:B], frozen[B : 2 * B], frozen[2 * B :]
-        live_conds = Conditioning.cat([c_t.repeat(B)] + [a.repeat(B) for a in anchors])
+        passes = 2 * B * idx + (2 + k) * B + (1 + k) * B
+        return self._step(x, t, c_t.repeat(B), anchors, eps_t, eps_n, eps_a, passes, t0)
+
+    def _pool_iteration(self) -> TrainStatus:
+        cfg, t0, B = self.cfg, time.time(), self.cfg.batch
+        x, t, eps_u, eps_t, picks, spent = self.pool_tuples(B)
+        c_t = Conditioning.cat([self._cond(self._prompts[p][1].format(self._prompts[p][0])) for p in picks])
+        surrogates = [self._surrogate_prompt(p) for p in picks]
+        k = cfg.anchors if cfg.la_strength > 0 else 0
+        added = self._cond(surrogates[0]).added  # SDXL: the surrogate's added inputs, as in "fresh"
+        anchors = [Conditioning(self._anchors(c_t.context[:1], 1), added) for _ in range(k)]
+        named = [i for i, s in enumerate(surrogates) if s]  # rows whose surrogate is not "": eps_n needs a pass
+        frozen_conds = [self._cond(surrogates[i]) for i in named] + [a.repeat(B) for a in anchors]
+        eps_n, eps_a = eps_u.clone(), torch.zeros(0, *x.shape[1:], device=self.device)
+        if frozen_conds:
+            xs = torch.cat([x[named]] + [x] * k)
+            ts = torch.cat([t[named]] + [t] * k)
+            with torch.no_grad(), self.adapter.disabled(), self._amp():
+                frozen = self.backend.predict_eps(xs, ts, Conditioning.cat(frozen_conds)).float()
+            eps_n[named] = frozen[: len(named)]
+            eps_a = frozen[len(named) :]
+        passes = spent + len(named) + k * B + (1 + k) * B
+        return self._step(x, t, c_t, anchors, eps_t, eps_n, eps_a, passes, t0)
+
+    def _surrogate_prompt(self, pick: int) -> str:
+        concept, template = self._prompts[pick]
+        sur = self.cfg.surrogates.get(concept)
+        return template.format(sur) if sur else ""
+
+    def _step(self, x, t, c_t: Conditioning, anchors: list[Conditioning], eps_t, eps_n, eps_a, passes: int,
+              t0: float) -> TrainStatus:
+        """The adapter's pass on the target and the anchors, the loss, and the optimizer step."""
+        cfg, B, k = self.cfg, len(x), len(anchors)
+        live_conds = Conditioning.cat([c_t] + [a.repeat(B) for a in anchors])
         with self._amp():
             live = self.backend.predict_eps(x.repeat(1 + k, 1, 1, 1), t.repeat(1 + k), live_conds)
         live = live.float()
@@ -269,7 +398,6 @@ class Trainer:
             self.scaler.step(self.opt)
             self.scaler.update()
         self.step += 1
-        passes = 2 * B * idx + (2 + k) * B + (1 + k) * B
         return TrainStatus(self.step, cfg.iterations, loss.item(), erase.item(), anchor.item(), lr,
                            time.time() - t0, 0.0, passes)
 
@@ -290,12 +418,15 @@ class Trainer:
             for name, v in st.items():
                 tensors[f"opt.{i}.{name}"] = torch.as_tensor(v).float().reshape(-1) if name == "step" else v.detach().cpu()
         tensors["rng"] = self.gen.get_state().float()  # bytes as exact floats: SPM I/O admits float dtypes only
-        md = {"format": CHECKPOINT_FORMAT, "step": str(self.step), "config": json.dumps(asdict(self.cfg))}
+        md = {"format": CHECKPOINT_FORMAT, "step": str(self.step), "config": json.dumps(asdict(self.cfg)),
+              "pool": json.dumps(self.pool_state)}  # where "pool" sampling stands; resume rebuilds that pool
         return write_file(path, tensors, md, overwrite=True)
 
     def load_checkpoint(self, path: str | Path) -> None:
         tensors, md = read_file(path)
         saved, _ = _checkpoint_info(path, md)
+        if "sampling" not in json.loads(md["config"]):  # made before "pool" sampling existed
+            saved = replace(saved, sampling="fresh")
         diff = resume_differences(self.cfg, saved)
         if diff:
             raise SPMValueError(f"checkpoint was made with other settings: {', '.join(diff)}")
@@ -312,6 +443,11 @@ class Trainer:
         self.opt.load_state_dict(sd)
         self.gen.set_state(tensors["rng"].to(torch.uint8))
         self.step = int(md["step"])
+        self.pool = None
+        self.pool_state = {"refills": 0, "pos": 0, "trajectories": 0}
+        if "pool" in md:
+            st = json.loads(md["pool"])
+            self.pool_state = {k: int(st[k]) for k in ("refills", "pos", "trajectories")}
 
 
 def checkpoint_path(out_path: str | Path) -> Path:
