@@ -98,7 +98,9 @@ def _bench_bake(args) -> int:
 def _bench_erasure(args) -> int:
     from .world.bench_erasure import main
 
-    main(args.json, n=args.n, seed=args.seed, others_every=args.others_every)
+    samplings = ("fresh", "pool") if args.sampling == "both" else (args.sampling,)
+    main(args.json, n=args.n, seed=args.seed, others_every=args.others_every, cases=args.cases, samplings=samplings,
+         gates=tuple(args.gates.split(",")))
     return 0
 
 
@@ -293,6 +295,11 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--seed", type=int, default=0)
     e.add_argument("--json", default=None, help="also write the full report here")
     e.add_argument("--others-every", type=int, default=1, help="keep every k-th non-target prompt (cheaper)")
+    e.add_argument("--cases", choices=("all", "one"), default="all",
+                   help="one: only the one-concept case (circle), trained once per --sampling")
+    e.add_argument("--sampling", choices=("fresh", "pool", "both"), default="both",
+                   help="with --cases one: the training sampling(s) to compare")
+    e.add_argument("--gates", default="calibrated", help="with --cases one: comma-separated of off,published,calibrated")
     e.set_defaults(run=_bench_erasure)
     bm = bsub.add_parser("merge", help="a three-concept pack in the shapes world: side by side, exact, compressed, baked")
     bm.add_argument("--n", type=int, default=16, help="samples per prompt")

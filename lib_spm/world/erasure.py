@@ -45,12 +45,23 @@ def train_concept(pipe: WorldPipeline, concept: str, out: str | Path, *, seed: i
     """Train an SPM erasing ``concept``; ``progress`` shows steps and ETA on stderr."""
     from ..progress import Progress
 
+    return train_concept_run(pipe, concept, out, seed=seed, progress=progress, **overrides)[0]
+
+
+def train_concept_run(pipe: WorldPipeline, concept: str, out: str | Path, *, seed: int = 0, progress: bool = False,
+                      **overrides) -> tuple[SPMFile, dict]:
+    """:func:`train_concept` plus its cost: UNet passes and seconds per iteration, total seconds."""
+    from ..progress import Progress
+
     cfg = TrainConfig(targets=[concept], name=f"erase_{concept}", seed=seed, **{**WORLD_RECIPE, **overrides})
-    bar = Progress(f"training erase_{concept}", cfg.iterations) if progress else None
+    bar = Progress(f"training erase_{concept} ({cfg.sampling})", cfg.iterations) if progress else None
     res = train_spm(world_backend(pipe.world), cfg, out, on_step=bar.on_train_step if bar else None)
     if bar:
         bar.close()
-    return load_spm(res.spm_path)
+    cost = {"sampling": cfg.sampling, "iterations": res.steps,
+            "passes_per_iteration": round(sum(h.passes for h in res.history) / len(res.history), 2),
+            "seconds_per_iteration": round(res.seconds / res.steps, 3), "train_seconds": round(res.seconds, 1)}
+    return load_spm(res.spm_path), cost
 
 
 @dataclass
