@@ -96,11 +96,16 @@ def _bench_bake(args) -> int:
 
 
 def _bench_erasure(args) -> int:
-    from .world.bench_erasure import main
+    from .errors import SPMValueError
+    from .world.bench_erasure import WITH_X2, main
 
     samplings = ("fresh", "pool") if args.sampling == "both" else (args.sampling,)
+    gates = tuple(g.strip() for g in args.gates.split(","))
+    unknown = [g for g in gates if g not in WITH_X2]
+    if unknown:
+        raise SPMValueError(f"unknown gate {unknown[0]!r}: use {', '.join(WITH_X2)}")
     main(args.json, n=args.n, seed=args.seed, others_every=args.others_every, cases=args.cases, samplings=samplings,
-         gates=tuple(args.gates.split(",")))
+         gates=gates)
     return 0
 
 
