@@ -33,8 +33,8 @@ CHECKPOINT_FORMAT = "sd-webui-spm-train-checkpoint/1"
 # cut the peak memory of `bench train-memory` (BENCHMARKS.md); tiny models stay fast without it.
 CHECKPOINTING_FROM_PARAMETERS = 100_000_000
 SAMPLINGS = ("fresh", "pool")
-# "pool" sampling: trajectories per pool (8 x 19 tuples at the shapes world's 20 steps)
-POOL_TRAJECTORIES = 8
+# "pool" sampling: trajectories per pool (2 x 19 tuples at the shapes world's 20 steps)
+POOL_TRAJECTORIES = 2  # small: the pool follows the adapter (a stale pool trains off-policy)
 
 
 @dataclass
@@ -185,14 +185,15 @@ class Trainer:
 
     - ``fresh``: every iteration denoises new noise with CFG and the adapter on to a uniform step
       in [1, S-1], then runs the frozen model on x_t: ``2*B*idx + (2+k)*B`` frozen passes.
-    - ``pool``: full S-step CFG DDIM trajectories of the target prompts from noise with the FROZEN
-      model keep every step's (x_i, t_i, eps_uncond, eps_target); iterations draw tuples with
-      i in [1, S-1] without replacement, refilling when empty. eps_t, and eps_n when the
-      surrogate is "" (then c_n is the unconditional prompt), come free from the trajectory, so
-      only the anchors (and a non-empty surrogate) need a frozen pass. A trajectory costs 2*S
-      passes for S-1 tuples. Pool number r is made from its own generator seeded by (seed, r),
-      so a checkpoint stores only (r, position, size) and resume rebuilds the current pool: the
-      run ends bit-identical to an uninterrupted one at the price of that pool's passes again.
+    - ``pool``: full S-step CFG DDIM trajectories of the target prompts from noise, sampled as
+      the SPM will be used (target rows through the current adapter, unconditional rows frozen),
+      keep every step's (x_i, t_i, frozen eps_uncond); iterations draw tuples with i in [1, S-1]
+      without replacement, refilling when empty. eps_n when the surrogate is "" (then c_n is the
+      unconditional prompt) comes free, so the frozen pass covers the target and the anchors
+      only. A trajectory costs 2*S passes for S-1 tuples. Pools stay small
+      (:data:`POOL_TRAJECTORIES`): trajectories of the frozen model alone trained off-policy and
+      erased far less (BENCHMARKS.md). A pool depends on the adapter when it was made, so the
+      checkpoint stores the pool itself; resume continues from it and ends bit-identical.
     """
 
     def __init__(self, backend: Backend, cfg: TrainConfig, *, autocast: bool = True):
@@ -276,7 +277,7 @@ class Trainer:
         xs, eus, ecs = [], [], []
         for s in range(0, trajectories, self._pool_chunk()):
             conds = [self._cond(self._prompts[int(p)][1].format(self._prompts[int(p)][0])) for p in prompts[s : s + self._pool_chunk()]]
-            with torch.no_grad(), self.adapter.disabled(), self._amp():
+            with torch.no_grad(), self._amp():
                 xc, eu, ec = self._trajectory(x[s : s + len(conds)], Conditioning.cat(conds), uncond)
             xs.append(xc), eus.append(eu), ecs.append(ec)
         self.pool = {"x": torch.cat(xs), "eps_u": torch.cat(eus), "eps_c": torch.cat(ecs), "prompt": prompts,
@@ -285,13 +286,18 @@ class Trainer:
         return 2 * trajectories * n
 
     def _trajectory(self, x: torch.Tensor, cond: Conditioning, uncond: Conditioning):
-        """Full CFG DDIM trajectories: x_i, eps_uncond(x_i), eps_cond(x_i) for i in [0, S-1], [b, S, ...]."""
-        both = Conditioning.cat([uncond.repeat(len(x)), cond])
+        """Full CFG DDIM trajectories as the SPM samples at use: the target rows through the current
+        adapter, the unconditional rows frozen (a calibrated gate gives "" gate 0). Returns x_i,
+        frozen eps_uncond(x_i), adapted eps_cond(x_i) for i in [0, S-1], each [b, S, ...]."""
+        uncond = uncond.repeat(len(x))
         xs, eus, ecs = [], [], []
         n = self.cfg.max_denoising_steps
         for i in range(n):
+            t = self.timesteps[i].repeat(len(x)).to(self.device)
+            with self.adapter.disabled():
+                eps_u = self.backend.predict_eps(x, t, uncond).float()
+            eps_c = self.backend.predict_eps(x, t, cond).float()
             t = self.timesteps[i]
-            eps_u, eps_c = self.backend.predict_eps(torch.cat([x, x]), t.repeat(2 * len(x)).to(self.device), both).float().chunk(2)
             xs.append(x), eus.append(eps_u), ecs.append(eps_c)
             if i + 1 < n:
                 eps = eps_u + self.cfg.denoise_cfg * (eps_c - eps_u)
@@ -301,12 +307,7 @@ class Trainer:
 
     def _pool_draw(self) -> tuple[int, int, int, int]:
         """One tuple: (trajectory, step index in [1, S-1], prompt index, passes spent refilling)."""
-        n, st = self.cfg.max_denoising_steps, self.pool_state
-        spent = 0
-        if self.pool is None and st["pos"] < st["trajectories"] * (n - 1):  # resumed mid-pool: rebuild it
-            pos = st["pos"]
-            spent = self._build_pool(st["refills"] - 1, st["trajectories"])
-            self.pool_state["pos"] = pos
+        n, spent = self.cfg.max_denoising_steps, 0
         if self.pool is None or self.pool_state["pos"] >= len(self.pool["order"]):
             left = (self.cfg.iterations - self.step) * self.cfg.batch  # no bigger than the run still needs
             spent += self._build_pool(self.pool_state["refills"], max(1, min(POOL_TRAJECTORIES, -(-left // (n - 1)))))
@@ -316,7 +317,8 @@ class Trainer:
         return traj, i + 1, int(self.pool["prompt"][traj]), spent
 
     def pool_tuples(self, count: int):
-        """Draw ``count`` pool tuples: x [count, ...], timesteps, eps_uncond, eps_target, prompt indices, passes."""
+        """Draw ``count`` pool tuples: x [count, ...], timesteps, frozen eps_uncond, adapted eps_target (as
+        it was at the refill), prompt indices, passes spent refilling."""
         drawn = [self._pool_draw() for _ in range(count)]
         tr = torch.tensor([d[0] for d in drawn])
         ix = torch.tensor([d[1] for d in drawn])
@@ -351,23 +353,21 @@ class Trainer:
 
     def _pool_iteration(self) -> TrainStatus:
         cfg, t0, B = self.cfg, time.time(), self.cfg.batch
-        x, t, eps_u, eps_t, picks, spent = self.pool_tuples(B)
+        x, t, eps_u, _, picks, spent = self.pool_tuples(B)
         c_t = Conditioning.cat([self._cond(self._prompts[p][1].format(self._prompts[p][0])) for p in picks])
         surrogates = [self._surrogate_prompt(p) for p in picks]
         k = cfg.anchors if cfg.la_strength > 0 else 0
         added = self._cond(surrogates[0]).added  # SDXL: the surrogate's added inputs, as in "fresh"
         anchors = [Conditioning(self._anchors(c_t.context[:1], 1), added) for _ in range(k)]
         named = [i for i, s in enumerate(surrogates) if s]  # rows whose surrogate is not "": eps_n needs a pass
-        frozen_conds = [self._cond(surrogates[i]) for i in named] + [a.repeat(B) for a in anchors]
-        eps_n, eps_a = eps_u.clone(), torch.zeros(0, *x.shape[1:], device=self.device)
-        if frozen_conds:
-            xs = torch.cat([x[named]] + [x] * k)
-            ts = torch.cat([t[named]] + [t] * k)
-            with torch.no_grad(), self.adapter.disabled(), self._amp():
-                frozen = self.backend.predict_eps(xs, ts, Conditioning.cat(frozen_conds)).float()
-            eps_n[named] = frozen[: len(named)]
-            eps_a = frozen[len(named) :]
-        passes = spent + len(named) + k * B + (1 + k) * B
+        frozen_conds = [c_t] + [self._cond(surrogates[i]) for i in named] + [a.repeat(B) for a in anchors]
+        xs, ts = torch.cat([x, x[named]] + [x] * k), torch.cat([t, t[named]] + [t] * k)
+        with torch.no_grad(), self.adapter.disabled(), self._amp():
+            frozen = self.backend.predict_eps(xs, ts, Conditioning.cat(frozen_conds)).float()
+        eps_t, eps_n = frozen[:B], eps_u.clone()
+        eps_n[named] = frozen[B : B + len(named)]
+        eps_a = frozen[B + len(named) :]
+        passes = spent + B + len(named) + k * B + (1 + k) * B
         return self._step(x, t, c_t, anchors, eps_t, eps_n, eps_a, passes, t0)
 
     def _surrogate_prompt(self, pick: int) -> str:
@@ -418,6 +418,8 @@ class Trainer:
             for name, v in st.items():
                 tensors[f"opt.{i}.{name}"] = torch.as_tensor(v).float().reshape(-1) if name == "step" else v.detach().cpu()
         tensors["rng"] = self.gen.get_state().float()  # bytes as exact floats: SPM I/O admits float dtypes only
+        for name, v in (self.pool or {}).items():  # made by an adapter state that is gone: kept, not rebuilt
+            tensors[f"pool.{name}"] = v.detach().float().cpu()
         md = {"format": CHECKPOINT_FORMAT, "step": str(self.step), "config": json.dumps(asdict(self.cfg)),
               "pool": json.dumps(self.pool_state)}  # where "pool" sampling stands; resume rebuilds that pool
         return write_file(path, tensors, md, overwrite=True)
@@ -448,6 +450,9 @@ class Trainer:
         if "pool" in md:
             st = json.loads(md["pool"])
             self.pool_state = {k: int(st[k]) for k in ("refills", "pos", "trajectories")}
+        if "pool.x" in tensors:
+            self.pool = {k: tensors[f"pool.{k}"].to(self.device) for k in ("x", "eps_u", "eps_c")}
+            self.pool.update({k: tensors[f"pool.{k}"].long() for k in ("prompt", "order")})
 
 
 def checkpoint_path(out_path: str | Path) -> Path:

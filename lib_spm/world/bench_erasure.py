@@ -18,7 +18,7 @@ import torch
 
 from ..session import GateSettings
 from . import data
-from .erasure import (ORIGINAL_RECIPE, WORLD_RECIPE, measure, other_prompts, target_prompts, train_concept,
+from .erasure import (ORIGINAL_RECIPE, SAMPLING_OVERRIDES, WORLD_RECIPE, measure, other_prompts, target_prompts, train_concept,
                       train_concept_run, training_cost)
 from .model import load_world
 from .pipeline import WorldPipeline
@@ -128,13 +128,14 @@ def run_one(n: int = 16, seed: int = 0, samplings=("fresh", "pool"), gates=("cal
     pipe = WorldPipeline(world)
     others = other_prompts(["circle"])[::others_every]
     report: dict = {"n_per_prompt": n, "seed": seed, "others_every": others_every, "recipe": WORLD_RECIPE,
-                    "world": {k: v for k, v in world.info.items() if k != "eval"}, "samplings": {}}
+                    "world": {k: v for k, v in world.info.items() if k != "eval"}, "samplings": {},
+                    "overrides": {s: SAMPLING_OVERRIDES[s] for s in samplings}}
     cache: dict = {}
     with tempfile.TemporaryDirectory() as d:
         for sampling in samplings:
             log(f"training circle ({sampling} sampling)")
             spm, cost = train_concept_run(pipe, "circle", Path(d) / f"circle_{sampling}.safetensors", seed=seed,
-                                          progress=True, sampling=sampling)
+                                          progress=True, **SAMPLING_OVERRIDES[sampling])
             row = {"training": cost, "gates": {}}
             for g in gates:
                 log(f"measuring {sampling}, gate {g}")

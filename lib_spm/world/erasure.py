@@ -26,6 +26,9 @@ from .pipeline import WorldPipeline, prompt_labels, world_backend
 # guidance 5 was needed for >= 95% erasure (guidance 3 / 200 iterations reached 75%).
 WORLD_RECIPE = dict(lr=1e-2, warmup=10, la_strength=100.0, anchors=4, max_denoising_steps=20, denoise_cfg=3.0,
                     iterations=250, guidance=5.0, rank=1, alpha=1.0, templates=["{}", "a {}"])
+# Per training sampling: "pool" (Trainer docstring) with 3 anchors, which keeps it under 12 UNet
+# passes per iteration (2.2 trajectory + 1 target + 3 anchors frozen + 4 live; BENCHMARKS.md).
+SAMPLING_OVERRIDES = {"fresh": dict(sampling="fresh"), "pool": dict(sampling="pool", anchors=3)}
 # The original trainer's schedule (SPM_METHOD.md), run through the same code for cost comparison.
 ORIGINAL_RECIPE = dict(lr=1e-4, warmup=50, la_strength=1000.0, anchors=4, max_denoising_steps=30, denoise_cfg=3.0,
                        iterations=3000, rank=1, alpha=1.0, templates=["{}"])
