@@ -96,9 +96,16 @@ def _bench_bake(args) -> int:
 
 
 def _bench_erasure(args) -> int:
-    from .world.bench_erasure import main
+    from .errors import SPMValueError
+    from .world.bench_erasure import WITH_X2, main
 
-    main(args.json, n=args.n, seed=args.seed, others_every=args.others_every)
+    samplings = ("fresh", "pool") if args.sampling == "both" else (args.sampling,)
+    gates = tuple(g.strip() for g in args.gates.split(","))
+    unknown = [g for g in gates if g not in WITH_X2]
+    if unknown:
+        raise SPMValueError(f"unknown gate {unknown[0]!r}: use {', '.join(WITH_X2)}")
+    main(args.json, n=args.n, seed=args.seed, others_every=args.others_every, cases=args.cases, samplings=samplings,
+         gates=gates)
     return 0
 
 
@@ -301,6 +308,11 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--seed", type=int, default=0)
     e.add_argument("--json", default=None, help="also write the full report here")
     e.add_argument("--others-every", type=int, default=1, help="keep every k-th non-target prompt (cheaper)")
+    e.add_argument("--cases", choices=("all", "one"), default="all",
+                   help="one: only the one-concept case (circle), trained once per --sampling")
+    e.add_argument("--sampling", choices=("fresh", "pool", "both"), default="both",
+                   help="with --cases one: the training sampling(s) to compare")
+    e.add_argument("--gates", default="calibrated", help="with --cases one: comma-separated of off,published,calibrated")
     e.set_defaults(run=_bench_erasure)
     rb = bsub.add_parser("robustness", help="attacks on erasure (names, hiding, token search, soft token) and "
                                             "packs of 1-5 SPMs in the shapes world, per gate")

@@ -22,6 +22,9 @@ from .safetensors_io import read_header
 from .values import number, whole
 
 CHECKPOINT_FORMAT = "sd-webui-spm-train-checkpoint/1"
+# How x_t is made: "fresh" denoises new noise with the adapter on every iteration; "pool" draws
+# from CFG trajectories shared by many iterations (Trainer docstring, BENCHMARKS.md)
+SAMPLINGS = ("fresh", "pool")
 
 # How errors name the numeric fields: the Train panel's labels where it shows the field.
 LABELS = {
@@ -55,6 +58,7 @@ class TrainConfig:
     max_denoising_steps: int = 30
     denoise_cfg: float = 3.0
     batch: int = 1
+    sampling: str = "fresh"
     seed: int = 0
     name: str = "spm"
     description: str = ""
@@ -75,6 +79,8 @@ class TrainConfig:
             if value <= 0:
                 raise SPMValueError(f"{LABELS[name]} must be a positive number, not {getattr(self, name)!r}")
             setattr(self, name, value)
+        if self.sampling not in SAMPLINGS:
+            raise SPMValueError(f"sampling must be one of {', '.join(SAMPLINGS)}, not {self.sampling!r}")
 
     def recipe(self) -> dict:
         """The settings an SPM's metadata records as its recipe (what it erases is recorded apart)."""

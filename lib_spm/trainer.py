@@ -12,6 +12,7 @@ uninterrupted one.
 
 from __future__ import annotations
 
+import json
 import math
 import time
 from contextlib import nullcontext
@@ -26,7 +27,7 @@ from .adapter import TrainableAdapter
 from .errors import SPMValueError
 from .metadata import SPMMetadata
 from .safetensors_io import read_file, write_file
-from .schedule import leading_timesteps
+from .schedule import ddim_step, leading_timesteps
 from .train_config import (
     TrainConfig,
     checkpoint_info,
@@ -38,6 +39,8 @@ from .train_config import (
 # UNets this large (full-size SD: 0.86-2.6 B parameters) train with gradient checkpointing: it
 # cut the peak memory of `bench train-memory` (BENCHMARKS.md); tiny models stay fast without it.
 CHECKPOINTING_FROM_PARAMETERS = 100_000_000
+# "pool" sampling: trajectories per pool (2 x 19 tuples at the shapes world's 20 steps)
+POOL_TRAJECTORIES = 2  # small: the pool follows the adapter (a stale pool trains off-policy)
 
 
 @dataclass
@@ -85,7 +88,7 @@ class TrainStatus:
     lr: float
     seconds: float
     eta_seconds: float
-    passes: int  # UNet sample-passes this iteration
+    passes: int  # UNet sample-passes this iteration (a pool refill counts in the iteration that makes it)
 
 
 @dataclass
@@ -104,6 +107,24 @@ def _lr_at(cfg: TrainConfig, step: int) -> float:
 
 
 class Trainer:
+    """One SPM's training state: adapter, optimizer, random generator and, for ``sampling="pool"``,
+    the trajectory pool.
+
+    Sampling of x_t:
+
+    - ``fresh``: every iteration denoises new noise with CFG and the adapter on to a uniform step
+      in [1, S-1], then runs the frozen model on x_t: ``2*B*idx + (2+k)*B`` frozen passes.
+    - ``pool``: full S-step CFG DDIM trajectories of the target prompts from noise, sampled as
+      the SPM will be used (target rows through the current adapter, unconditional rows frozen),
+      keep every step's (x_i, t_i, frozen eps_uncond); iterations draw tuples with i in [1, S-1]
+      without replacement, refilling when empty. eps_n when the surrogate is "" (then c_n is the
+      unconditional prompt) comes free, so the frozen pass covers the target and the anchors
+      only. A trajectory costs 2*S passes for S-1 tuples. Pools stay small
+      (:data:`POOL_TRAJECTORIES`): trajectories of the frozen model alone trained off-policy and
+      erased far less (BENCHMARKS.md). A pool depends on the adapter when it was made, so the
+      checkpoint stores the pool itself; resume continues from it and ends bit-identical.
+    """
+
     def __init__(self, backend: Backend, cfg: TrainConfig, *, autocast: bool = True):
         self.backend, self.cfg = backend, cfg
         self.device = next(backend.unet.parameters()).device
@@ -122,6 +143,8 @@ class Trainer:
         if autocast and self.device.type == "cuda":
             self.amp_dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
         self.scaler = torch.amp.GradScaler("cuda") if self.amp_dtype == torch.float16 else None
+        self.pool: dict[str, torch.Tensor] | None = None  # "pool" sampling: the current pool's tensors
+        self.pool_state = {"refills": 0, "pos": 0, "trajectories": 0}  # pools made, tuples drawn from the last
 
     def _amp(self):
         return torch.autocast("cuda", dtype=self.amp_dtype) if self.amp_dtype is not None else nullcontext()
@@ -158,13 +181,80 @@ class Trainer:
             t, t_prev = self.timesteps[i], self.timesteps[i + 1]
             eps_u, eps_c = self.backend.predict_eps(torch.cat([x, x]), t.repeat(2 * len(x)).to(self.device), both).chunk(2)
             eps = eps_u + self.cfg.denoise_cfg * (eps_c - eps_u)
-            a, ap = self.acp[t], self.acp[t_prev]
-            x0 = (x - (1 - a).sqrt() * eps) / a.sqrt()
-            x = ap.sqrt() * x0 + (1 - ap).sqrt() * eps
+            x = ddim_step(x, eps, self.acp[t], self.acp[t_prev])
         return x
+
+    # -- the trajectory pool ("pool" sampling) -----------------------------------------------------
+    def _pool_generator(self, r: int) -> torch.Generator:
+        return torch.Generator().manual_seed((self.cfg.seed * 1_000_003 + r) % (2**63))
+
+    def _pool_chunk(self) -> int:
+        """Trajectories per UNet call: their CFG batch stays within the fresh sampler's frozen batch."""
+        k = self.cfg.anchors if self.cfg.la_strength > 0 else 0
+        return max(1, (2 + k) * self.cfg.batch // 2)
+
+    def _build_pool(self, r: int, trajectories: int) -> int:
+        """Make pool number ``r`` (deterministic in (seed, r, trajectories)); returns its UNet passes."""
+        cfg, n = self.cfg, self.cfg.max_denoising_steps
+        g = self._pool_generator(r)
+        prompts = torch.randint(len(self._prompts), (trajectories,), generator=g)
+        x = torch.randn(trajectories, *self.backend.latent_shape, generator=g).to(self.device)
+        uncond = self._cond("")
+        xs, eus, ecs = [], [], []
+        for s in range(0, trajectories, self._pool_chunk()):
+            conds = [self._cond(self._prompts[int(p)][1].format(self._prompts[int(p)][0])) for p in prompts[s : s + self._pool_chunk()]]
+            with torch.no_grad(), self._amp():
+                xc, eu, ec = self._trajectory(x[s : s + len(conds)], Conditioning.cat(conds), uncond)
+            xs.append(xc), eus.append(eu), ecs.append(ec)
+        self.pool = {"x": torch.cat(xs), "eps_u": torch.cat(eus), "eps_c": torch.cat(ecs), "prompt": prompts,
+                     "order": torch.randperm(trajectories * (n - 1), generator=g)}
+        self.pool_state = {"refills": r + 1, "pos": 0, "trajectories": trajectories}
+        return 2 * trajectories * n
+
+    def _trajectory(self, x: torch.Tensor, cond: Conditioning, uncond: Conditioning):
+        """Full CFG DDIM trajectories as the SPM samples at use: the target rows through the current
+        adapter, the unconditional rows frozen (a calibrated gate gives "" gate 0). Returns x_i,
+        frozen eps_uncond(x_i), adapted eps_cond(x_i) for i in [0, S-1], each [b, S, ...]."""
+        uncond = uncond.repeat(len(x))
+        xs, eus, ecs = [], [], []
+        n = self.cfg.max_denoising_steps
+        for i in range(n):
+            t = self.timesteps[i].repeat(len(x)).to(self.device)
+            with self.adapter.disabled():
+                eps_u = self.backend.predict_eps(x, t, uncond).float()
+            eps_c = self.backend.predict_eps(x, t, cond).float()
+            t = self.timesteps[i]
+            xs.append(x), eus.append(eps_u), ecs.append(eps_c)
+            if i + 1 < n:
+                eps = eps_u + self.cfg.denoise_cfg * (eps_c - eps_u)
+                x = ddim_step(x, eps, self.acp[t], self.acp[self.timesteps[i + 1]]).float()
+        return torch.stack(xs, 1), torch.stack(eus, 1), torch.stack(ecs, 1)
+
+    def _pool_draw(self) -> tuple[int, int, int, int]:
+        """One tuple: (trajectory, step index in [1, S-1], prompt index, passes spent refilling)."""
+        n, spent = self.cfg.max_denoising_steps, 0
+        if self.pool is None or self.pool_state["pos"] >= len(self.pool["order"]):
+            left = (self.cfg.iterations - self.step) * self.cfg.batch  # no bigger than the run still needs
+            spent += self._build_pool(self.pool_state["refills"], max(1, min(POOL_TRAJECTORIES, -(-left // (n - 1)))))
+        j = int(self.pool["order"][self.pool_state["pos"]])
+        self.pool_state["pos"] += 1
+        traj, i = divmod(j, n - 1)
+        return traj, i + 1, int(self.pool["prompt"][traj]), spent
+
+    def pool_tuples(self, count: int):
+        """Draw ``count`` pool tuples: x [count, ...], timesteps, frozen eps_uncond, adapted eps_target (as
+        it was at the refill), prompt indices, passes spent refilling."""
+        drawn = [self._pool_draw() for _ in range(count)]
+        tr = torch.tensor([d[0] for d in drawn])
+        ix = torch.tensor([d[1] for d in drawn])
+        p = self.pool
+        return (p["x"][tr, ix], self.timesteps[ix].to(self.device), p["eps_u"][tr, ix], p["eps_c"][tr, ix],
+                [d[2] for d in drawn], sum(d[3] for d in drawn))
 
     # -- one iteration --------------------------------------------------------------------------
     def iteration(self) -> TrainStatus:
+        if self.cfg.sampling == "pool":
+            return self._pool_iteration()
         cfg, t0 = self.cfg, time.time()
         pick = int(torch.randint(len(self._prompts), (), generator=self.gen))
         concept, template = self._prompts[pick]
@@ -183,7 +273,38 @@ class Trainer:
         with torch.no_grad(), self.adapter.disabled(), self._amp():  # frozen: nothing kept for backward
             frozen = self.backend.predict_eps(x.repeat(2 + k, 1, 1, 1), t.repeat(2 + k), frozen_conds).float()
         eps_t, eps_n, eps_a = frozen[:B], frozen[B : 2 * B], frozen[2 * B :]
-        live_conds = Conditioning.cat([c_t.repeat(B)] + [a.repeat(B) for a in anchors])
+        passes = 2 * B * idx + (2 + k) * B + (1 + k) * B
+        return self._step(x, t, c_t.repeat(B), anchors, eps_t, eps_n, eps_a, passes, t0)
+
+    def _pool_iteration(self) -> TrainStatus:
+        cfg, t0, B = self.cfg, time.time(), self.cfg.batch
+        x, t, eps_u, _, picks, spent = self.pool_tuples(B)
+        c_t = Conditioning.cat([self._cond(self._prompts[p][1].format(self._prompts[p][0])) for p in picks])
+        surrogates = [self._surrogate_prompt(p) for p in picks]
+        k = cfg.anchors if cfg.la_strength > 0 else 0
+        added = self._cond(surrogates[0]).added  # SDXL: the surrogate's added inputs, as in "fresh"
+        anchors = [Conditioning(self._anchors(c_t.context[:1], 1), added) for _ in range(k)]
+        named = [i for i, s in enumerate(surrogates) if s]  # rows whose surrogate is not "": eps_n needs a pass
+        frozen_conds = [c_t] + [self._cond(surrogates[i]) for i in named] + [a.repeat(B) for a in anchors]
+        xs, ts = torch.cat([x, x[named]] + [x] * k), torch.cat([t, t[named]] + [t] * k)
+        with torch.no_grad(), self.adapter.disabled(), self._amp():
+            frozen = self.backend.predict_eps(xs, ts, Conditioning.cat(frozen_conds)).float()
+        eps_t, eps_n = frozen[:B], eps_u.clone()
+        eps_n[named] = frozen[B : B + len(named)]
+        eps_a = frozen[B + len(named) :]
+        passes = spent + B + len(named) + k * B + (1 + k) * B
+        return self._step(x, t, c_t, anchors, eps_t, eps_n, eps_a, passes, t0)
+
+    def _surrogate_prompt(self, pick: int) -> str:
+        concept, template = self._prompts[pick]
+        sur = self.cfg.surrogates.get(concept)
+        return template.format(sur) if sur else ""
+
+    def _step(self, x, t, c_t: Conditioning, anchors: list[Conditioning], eps_t, eps_n, eps_a, passes: int,
+              t0: float) -> TrainStatus:
+        """The adapter's pass on the target and the anchors, the loss, and the optimizer step."""
+        cfg, B, k = self.cfg, len(x), len(anchors)
+        live_conds = Conditioning.cat([c_t] + [a.repeat(B) for a in anchors])
         with self._amp():
             live = self.backend.predict_eps(x.repeat(1 + k, 1, 1, 1), t.repeat(1 + k), live_conds)
         live = live.float()
@@ -202,7 +323,6 @@ class Trainer:
             self.scaler.step(self.opt)
             self.scaler.update()
         self.step += 1
-        passes = 2 * B * idx + (2 + k) * B + (1 + k) * B
         return TrainStatus(self.step, cfg.iterations, loss.item(), erase.item(), anchor.item(), lr,
                            time.time() - t0, 0.0, passes)
 
@@ -223,11 +343,14 @@ class Trainer:
             for name, v in st.items():
                 tensors[f"opt.{i}.{name}"] = torch.as_tensor(v).float().reshape(-1) if name == "step" else v.detach().cpu()
         tensors["rng"] = self.gen.get_state().float()  # bytes as exact floats: SPM I/O admits float dtypes only
-        return write_file(path, tensors, checkpoint_metadata(self.cfg, self.step), overwrite=True)
+        for name, v in (self.pool or {}).items():  # made by an adapter state that is gone: kept, not rebuilt
+            tensors[f"pool.{name}"] = v.detach().float().cpu()
+        md = {**checkpoint_metadata(self.cfg, self.step), "pool": json.dumps(self.pool_state)}
+        return write_file(path, tensors, md, overwrite=True)
 
     def load_checkpoint(self, path: str | Path) -> None:
         tensors, md = read_file(path)
-        saved, _ = checkpoint_info(path, md)
+        saved, _ = checkpoint_info(path, md)  # made before "pool" sampling existed: "fresh", the default
         diff = resume_differences(self.cfg, saved)
         if diff:
             raise SPMValueError(f"checkpoint was made with other settings: {', '.join(diff)}")
@@ -244,6 +367,14 @@ class Trainer:
         self.opt.load_state_dict(sd)
         self.gen.set_state(tensors["rng"].to(torch.uint8))
         self.step = int(md["step"])
+        self.pool = None
+        self.pool_state = {"refills": 0, "pos": 0, "trajectories": 0}
+        if "pool" in md:
+            st = json.loads(md["pool"])
+            self.pool_state = {k: int(st[k]) for k in ("refills", "pos", "trajectories")}
+        if "pool.x" in tensors:
+            self.pool = {k: tensors[f"pool.{k}"].to(self.device) for k in ("x", "eps_u", "eps_c")}
+            self.pool.update({k: tensors[f"pool.{k}"].long() for k in ("prompt", "order")})
 
 
 def train_spm(

@@ -277,3 +277,116 @@ def test_gradient_checkpointing_trains_the_same_spm_and_is_switched_back(tmp_pat
     for key, lw in files[0].layers.items():
         assert torch.allclose(lw.up, files[1].layers[key].up, atol=1e-6), key
     assert any(lw.up.abs().max() > 0 for lw in files[1].layers.values())
+
+
+# -- "pool" sampling: trajectories shared by many iterations ------------------------------------------
+
+class PassCounter:
+    """Counts UNet sample-passes (rows of every forward call) through a forward pre-hook."""
+
+    def __init__(self, unet):
+        self.rows = 0
+        self.handle = unet.register_forward_pre_hook(self._count)
+
+    def _count(self, module, args):
+        self.rows += args[0].shape[0]
+
+
+@pytest.mark.parametrize("sampling,surrogate", [("fresh", ""), ("pool", ""), ("pool", "square")])
+def test_reported_passes_are_the_unet_rows_really_run(tmp_path, sampling, surrogate):
+    be = sd1_backend()
+    counter = PassCounter(be.unet)
+    c = cfg(sampling=sampling, surrogates={"circle": surrogate} if surrogate else {})
+    res = train_spm(be, c, tmp_path / "x.safetensors")
+    counter.handle.remove()
+    assert sum(h.passes for h in res.history) == counter.rows
+    if sampling == "pool":
+        # S=4 steps: 3 tuples per trajectory, 6 iterations need 2 trajectories of 2*4 passes; then
+        # per iteration 1 frozen target + k=2 anchors (+1 for a named surrogate) and 1+k live passes
+        named = 1 if surrogate else 0
+        assert counter.rows == 2 * 2 * 4 + 6 * (1 + 2 + named + 3)
+        assert res.history[0].passes == 16 + 6 + named  # the refill counts where it happens
+
+
+def _pool_trainer(**kw):
+    tr = Trainer(sd1_backend(), cfg(sampling="pool", templates=["{}", "a {}"], **kw))
+    with torch.no_grad():
+        for p in tr.adapter.up:  # a visibly non-zero adapter
+            p.normal_()
+    tr.adapter.attach()
+    return tr
+
+
+def _ddim(tr, x, i, eps_u, eps_c):
+    eps = eps_u + tr.cfg.denoise_cfg * (eps_c - eps_u)
+    a, ap = tr.acp[tr.timesteps[i]], tr.acp[tr.timesteps[i + 1]]
+    return ap.sqrt() * (x - (1 - a).sqrt() * eps) / a.sqrt() + (1 - ap).sqrt() * eps
+
+
+def test_pool_holds_ddim_trajectories_at_the_right_timesteps():
+    """Each step: frozen eps on "", the adapted eps on the target, CFG DDIM to the next x."""
+    tr = _pool_trainer()
+    tr._build_pool(0, 2)
+    S, P, be = tr.cfg.max_denoising_steps, tr.pool, tr.backend
+    for j in range(2):
+        concept, template = tr._prompts[int(P["prompt"][j])]
+        c = tr._cond(template.format(concept))
+        for i in range(S):
+            x, t = P["x"][j, i : i + 1], tr.timesteps[i : i + 1]
+            with torch.no_grad():
+                live = be.predict_eps(x, t, c)
+                with tr.adapter.disabled():
+                    frozen_u, frozen_c = be.predict_eps(x, t, tr._cond("")), be.predict_eps(x, t, c)
+            assert torch.allclose(P["eps_u"][j, i : i + 1], frozen_u, atol=1e-5), (j, i)
+            assert torch.allclose(P["eps_c"][j, i : i + 1], live, atol=1e-5), (j, i)
+            assert not torch.allclose(live, frozen_c, atol=1e-3)  # the adapter really took part
+            if i + 1 < S:
+                want = _ddim(tr, x, i, P["eps_u"][j, i : i + 1], P["eps_c"][j, i : i + 1])
+                assert torch.allclose(P["x"][j, i + 1 : i + 2], want, atol=1e-5), (j, i)
+    x, t, _, _, _, spent = tr.pool_tuples(2 * (S - 1))  # every tuple once, without replacement
+    assert spent == 0
+    assert sorted(t.tolist()) == sorted(tr.timesteps[1:].tolist() * 2)
+    for xi, ti in zip(x, t):
+        i = int((tr.timesteps == ti).nonzero())
+        assert any(torch.equal(xi, P["x"][j, i]) for j in range(2))
+    _, _, _, _, _, spent = tr.pool_tuples(1)  # empty: refills (2 trajectories: 6 iterations left)
+    assert spent == 2 * 2 * S and tr.pool_state == {"refills": 2, "pos": 1, "trajectories": 2}
+    tr.adapter.detach()
+
+
+def test_pool_frozen_eps_equal_a_fresh_frozen_pass_on_the_same_x_t():
+    tr = _pool_trainer()
+    x, t, eps_u, _, _, _ = tr.pool_tuples(4)
+    with torch.no_grad():
+        with tr.adapter.disabled():
+            frozen_u = tr.backend.predict_eps(x, t, tr._cond("").repeat(4))
+        live_u = tr.backend.predict_eps(x, t, tr._cond("").repeat(4))
+    tr.adapter.detach()
+    assert torch.allclose(eps_u, frozen_u, atol=1e-5)  # reused as eps_n for the surrogate ""
+    assert not torch.allclose(eps_u, live_u, atol=1e-3)
+
+
+def test_pool_sampling_resumes_bit_identically(tmp_path):
+    c = cfg(sampling="pool", iterations=14, batch=2)  # pools of 2 trajectories = 6 tuples = 3 iterations
+    straight = train_spm(sd1_backend(), c, tmp_path / "a.safetensors")
+    stops = {"n": 0}
+
+    def stop():
+        stops["n"] += 1
+        return stops["n"] > 5
+
+    part = train_spm(sd1_backend(), c, tmp_path / "b.safetensors", should_stop=stop)
+    assert part.steps == 5 and part.cancelled
+    resumed = train_spm(sd1_backend(), c, tmp_path / "b.safetensors", resume_from=part.checkpoint_path)
+    assert resumed.steps == 14
+    assert (tmp_path / "a.safetensors").read_bytes() == (tmp_path / "b.safetensors").read_bytes()
+    # the checkpoint keeps the half-drawn pool: resume spends no passes rebuilding it
+    assert [h.passes for h in resumed.history] == [h.passes for h in straight.history[5:]]
+    assert load_spm(resumed.spm_path).metadata.recipe["sampling"] == "pool"
+    with pytest.raises(SPMValueError, match="sampling"):
+        train_spm(sd1_backend(), cfg(iterations=14, batch=2), tmp_path / "c.safetensors", resume_from=part.checkpoint_path)
+
+
+def test_unknown_sampling_is_refused():
+    with pytest.raises(SPMValueError, match="sampling"):
+        cfg(sampling="cached")

@@ -18,7 +18,8 @@ import torch
 
 from ..gating import GateSettings
 from . import data
-from .erasure import ORIGINAL_RECIPE, WORLD_RECIPE, measure, other_prompts, target_prompts, train_concept, training_cost
+from .erasure import (ORIGINAL_RECIPE, SAMPLING_OVERRIDES, WORLD_RECIPE, measure, other_prompts, target_prompts, train_concept,
+                      train_concept_run, training_cost)
 from .model import load_world
 from .pipeline import WorldPipeline
 
@@ -118,6 +119,44 @@ def run(n: int = 16, seed: int = 0, finetune_steps: int = 150, weights: str | No
     return report
 
 
+def run_one(n: int = 16, seed: int = 0, samplings=("fresh", "pool"), gates=("calibrated",), others_every: int = 1,
+            weights: str | None = None, log=print) -> dict:
+    """Only the one-concept case (circle), once per training sampling: erase and preservation
+    under ``gates`` next to each training's UNet passes and seconds per iteration."""
+    t0 = time.time()
+    world = load_world(weights) if weights else load_world()
+    pipe = WorldPipeline(world)
+    others = other_prompts(["circle"])[::others_every]
+    report: dict = {"n_per_prompt": n, "seed": seed, "others_every": others_every, "recipe": WORLD_RECIPE,
+                    "world": {k: v for k, v in world.info.items() if k != "eval"}, "samplings": {},
+                    "overrides": {s: SAMPLING_OVERRIDES[s] for s in samplings}}
+    cache: dict = {}
+    with tempfile.TemporaryDirectory() as d:
+        for sampling in samplings:
+            log(f"training circle ({sampling} sampling)")
+            spm, cost = train_concept_run(pipe, "circle", Path(d) / f"circle_{sampling}.safetensors", seed=seed,
+                                          progress=True, **SAMPLING_OVERRIDES[sampling])
+            row = {"training": cost, "gates": {}}
+            for g in gates:
+                log(f"measuring {sampling}, gate {g}")
+                row["gates"][g] = _row(measure(pipe, [(spm, 1.0)], target_prompts("circle"), others, gate=WITH_X2[g],
+                                               n=n, seed=seed, base_cache=cache))
+            report["samplings"][sampling] = row
+    report["seconds"] = round(time.time() - t0, 1)
+    return report
+
+
+def markdown_one(report: dict) -> str:
+    lines = ["| sampling | gate | erase rate | preservation | passes / iteration | s / iteration | training s |",
+             "|---|---|---|---|---|---|---|"]
+    for sampling, row in report["samplings"].items():
+        c = row["training"]
+        for g, r in row["gates"].items():
+            lines.append(f"| {sampling} | {g} | {r['erase_rate']:.3f} | {r['preservation']:.3f} | "
+                         f"{c['passes_per_iteration']:.1f} | {c['seconds_per_iteration']:.3f} | {c['train_seconds']:.0f} |")
+    return "\n".join(lines)
+
+
 def markdown(report: dict) -> str:
     lines = ["| case | gate | erase rate | preservation |", "|---|---|---|---|"]
     for case, by_gate in report["cases"].items():
@@ -139,5 +178,10 @@ def publish(report: dict, out_json: str | None, table, extra_keys) -> dict:
     return report
 
 
-def main(out_json: str | None = None, n: int = 16, seed: int = 0, others_every: int = 1) -> dict:
+def main(out_json: str | None = None, n: int = 16, seed: int = 0, others_every: int = 1, cases: str = "all",
+         samplings=("fresh", "pool"), gates=("calibrated",)) -> dict:
+    """``cases="one"``: only the one-concept case, trained once per sampling (:func:`run_one`)."""
+    if cases == "one":
+        return publish(run_one(n=n, seed=seed, samplings=samplings, gates=gates, others_every=others_every), out_json,
+                       markdown_one, ("samplings", "seconds"))
     return publish(run(n=n, seed=seed, others_every=others_every), out_json, markdown, ("gates_circle", "training_cost", "seconds"))

@@ -27,6 +27,9 @@ from .pipeline import WorldPipeline, prompt_labels, world_backend
 # guidance 5 was needed for >= 95% erasure (guidance 3 / 200 iterations reached 75%).
 WORLD_RECIPE = dict(lr=1e-2, warmup=10, la_strength=100.0, anchors=4, max_denoising_steps=20, denoise_cfg=3.0,
                     iterations=250, guidance=5.0, rank=1, alpha=1.0, templates=["{}", "a {}"])
+# Per training sampling: "pool" (Trainer docstring) with 3 anchors, which keeps it under 12 UNet
+# passes per iteration (2.2 trajectory + 1 target + 3 anchors frozen + 4 live; BENCHMARKS.md).
+SAMPLING_OVERRIDES = {"fresh": dict(sampling="fresh"), "pool": dict(sampling="pool", anchors=3)}
 # The original trainer's schedule (SPM_METHOD.md), run through the same code for cost comparison.
 ORIGINAL_RECIPE = dict(lr=1e-4, warmup=50, la_strength=1000.0, anchors=4, max_denoising_steps=30, denoise_cfg=3.0,
                        iterations=3000, rank=1, alpha=1.0, templates=["{}"])
@@ -46,12 +49,23 @@ def train_concept(pipe: WorldPipeline, concept: str, out: str | Path, *, seed: i
     """Train an SPM erasing ``concept``; ``progress`` shows steps and ETA on stderr."""
     from ..progress import Progress
 
+    return train_concept_run(pipe, concept, out, seed=seed, progress=progress, **overrides)[0]
+
+
+def train_concept_run(pipe: WorldPipeline, concept: str, out: str | Path, *, seed: int = 0, progress: bool = False,
+                      **overrides) -> tuple[SPMFile, dict]:
+    """:func:`train_concept` plus its cost: UNet passes and seconds per iteration, total seconds."""
+    from ..progress import Progress
+
     cfg = TrainConfig(targets=[concept], name=f"erase_{concept}", seed=seed, **{**WORLD_RECIPE, **overrides})
-    bar = Progress(f"training erase_{concept}", cfg.iterations) if progress else None
+    bar = Progress(f"training erase_{concept} ({cfg.sampling})", cfg.iterations) if progress else None
     res = train_spm(world_backend(pipe.world), cfg, out, on_step=bar.on_train_step if bar else None)
     if bar:
         bar.close()
-    return load_spm(res.spm_path)
+    cost = {"sampling": cfg.sampling, "iterations": res.steps,
+            "passes_per_iteration": round(sum(h.passes for h in res.history) / len(res.history), 2),
+            "seconds_per_iteration": round(res.seconds / res.steps, 3), "train_seconds": round(res.seconds, 1)}
+    return load_spm(res.spm_path), cost
 
 
 @dataclass
