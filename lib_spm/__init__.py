@@ -13,10 +13,10 @@ from .errors import (
     SPMValueError,
     UnresolvedKeysError,
 )
-from .metadata import SPMMetadata, Slice
-from .gating import ConceptEncoder, GateSettings
-from .session import Session
-from .spm_file import LayerWeights, SPMFile, load_spm
+from .format.metadata import Slice, SPMMetadata
+from .format.spm_file import LayerWeights, SPMFile, load_spm
+from .runtime.gating import ConceptEncoder, GateSettings
+from .runtime.session import Session
 
 __version__ = "0.1.0"
 

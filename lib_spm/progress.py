@@ -65,7 +65,7 @@ class Progress:
             self._write(self.line(), end=True)
 
     def on_train_step(self, status) -> None:
-        """``train_spm``'s ``on_step``: the step and loss of a :class:`~lib_spm.trainer.TrainStatus`."""
+        """``train_spm``'s ``on_step``: the step and loss of a :class:`~lib_spm.training.trainer.TrainStatus`."""
         self.update(status.step, f"loss {status.loss:.4g}")
 
     def _write(self, text: str, end: bool) -> None:

@@ -10,9 +10,9 @@ from __future__ import annotations
 
 from modules import extra_networks, script_callbacks, scripts, shared, ui_extra_networks
 
-from lib_spm import functional
 from lib_spm.hosts.webui import extension
 from lib_spm.hosts.webui.args import SLOTS, ApplyArgs
+from lib_spm.runtime import functional
 
 ext = extension.extension  # the process's one Extension, however often the WebUI runs this file
 

@@ -124,7 +124,7 @@ def tiny_pipeline(seed: int = 0):
     from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    from lib_spm.clip_vocab import clip_tokenizer
+    from lib_spm.tools.clip_vocab import clip_tokenizer
 
     torch.manual_seed(seed)
     unet = UNet2DConditionModel(

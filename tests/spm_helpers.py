@@ -8,9 +8,9 @@ import copy
 import torch
 import torch.nn as nn
 
-from lib_spm.metadata import SPMMetadata, Slice
-from lib_spm.names import layer_names, resolve, spm_layer_paths
-from lib_spm.spm_file import LayerWeights, SPMFile
+from lib_spm.format.metadata import Slice, SPMMetadata
+from lib_spm.format.names import layer_names, resolve, spm_layer_paths
+from lib_spm.format.spm_file import LayerWeights, SPMFile
 
 
 def random_spm(

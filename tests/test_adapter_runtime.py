@@ -11,14 +11,14 @@ from __future__ import annotations
 import pytest
 import torch
 from diffusers import DDPMScheduler
+from models import CTX, ToyEncoder, sdxl_added, tiny_sd1, tiny_sdxl
 
 from lib_spm import GateSettings, Session, load_spm
-from lib_spm.adapter import TrainableAdapter
+from lib_spm.format.metadata import SPMMetadata
 from lib_spm.hosts.diffusers import DiffusersBackend
-from lib_spm.metadata import SPMMetadata
-from lib_spm.train_config import TrainConfig
-from lib_spm.trainer import Conditioning, train_spm
-from models import CTX, ToyEncoder, sdxl_added, tiny_sd1, tiny_sdxl
+from lib_spm.training.adapter import TrainableAdapter
+from lib_spm.training.train_config import TrainConfig
+from lib_spm.training.trainer import Conditioning, train_spm
 
 ACP = DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012).alphas_cumprod
 

@@ -16,11 +16,11 @@ from pathlib import Path
 
 import pytest
 import torch
-
-from lib_spm import archs
-from lib_spm.cli import main
-from lib_spm.zoo import write_zoo_file
 from models import tiny_sd1
+
+from lib_spm.format import archs
+from lib_spm.format.zoo import write_zoo_file
+from lib_spm.tools.cli import main
 
 ROOT = Path(__file__).resolve().parent.parent
 PROMPTS = ["van gogh", "picasso"]
@@ -146,8 +146,9 @@ def test_main_in_process_missing_file(tmp_path, capsys):
 # -- merge / extract / bake, in process (every sub-command must at least parse and run) --------
 
 def _tiny_files(tmp_path):
-    from lib_spm.zoo import write_zoo_file
     from models import tiny_sd1
+
+    from lib_spm.format.zoo import write_zoo_file
 
     unet = tiny_sd1(False)
     write_zoo_file(tmp_path / "a.safetensors", unet, ["circle"], rank=1, seed=1)
@@ -159,7 +160,7 @@ def test_merge_extract_commands(tmp_path, capsys):
     import json as _json
 
     from lib_spm import load_spm
-    from lib_spm.cli import main
+    from lib_spm.tools.cli import main
 
     _tiny_files(tmp_path)
     a, b = str(tmp_path / "a.safetensors"), str(tmp_path / "b.safetensors")
@@ -181,7 +182,7 @@ def test_merge_rank_is_capped_at_the_true_rank_with_a_note(tmp_path, capsys):
     import json as _json
 
     from lib_spm import load_spm
-    from lib_spm.cli import main
+    from lib_spm.tools.cli import main
 
     _tiny_files(tmp_path)
     a, b = str(tmp_path / "a.safetensors"), str(tmp_path / "b.safetensors")
@@ -198,7 +199,7 @@ def test_merge_rank_is_capped_at_the_true_rank_with_a_note(tmp_path, capsys):
 def test_bake_command_on_a_diffusers_folder(tmp_path, capsys):
     import json as _json
 
-    from lib_spm.cli import main
+    from lib_spm.tools.cli import main
 
     unet = _tiny_files(tmp_path)
     unet.save_pretrained(tmp_path / "model" / "unet", safe_serialization=True)
@@ -209,7 +210,7 @@ def test_bake_command_on_a_diffusers_folder(tmp_path, capsys):
 
 
 def test_every_command_has_help(capsys):
-    from lib_spm.cli import build_parser
+    from lib_spm.tools.cli import build_parser
 
     parser = build_parser()
     for argv in (["inspect", "x"], ["merge", "o", "i"], ["extract", "p", "s", "o"], ["bake", "s", "d", "i"],
@@ -274,8 +275,8 @@ def test_bench_train_memory_refuses_bad_settings_before_building_anything(capsys
 
 
 def test_bench_train_memory_arguments_parse():
-    from lib_spm.bench_memory import check_args
-    from lib_spm.cli import build_parser
+    from lib_spm.tools.bench_memory import check_args
+    from lib_spm.tools.cli import build_parser
 
     a = build_parser().parse_args(["bench", "train-memory", "--arch", "sdxl", "--compare"])
     assert (a.arch, a.resolution, a.iterations, a.compare) == ("sdxl", None, 2, True)

@@ -19,6 +19,7 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from models import tiny_sd1, tiny_sdxl
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from safetensors.torch import save as st_save
@@ -26,6 +27,7 @@ from safetensors.torch import save as st_save
 from lib_spm import (
     ArchitectureMismatch,
     LayerWeights,
+    Slice,
     SPMError,
     SPMFile,
     SPMFormatError,
@@ -33,13 +35,11 @@ from lib_spm import (
     SPMMetadata,
     SPMShapeError,
     SPMValueError,
-    Slice,
     load_spm,
 )
-from lib_spm import archs
-from lib_spm.names import spm_layer_paths
-from lib_spm.zoo import write_zoo_file
-from models import tiny_sd1, tiny_sdxl
+from lib_spm.format import archs
+from lib_spm.format.names import spm_layer_paths
+from lib_spm.format.zoo import write_zoo_file
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 ST_DTYPE = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16"}

@@ -14,22 +14,23 @@ import copy
 import hashlib
 from types import SimpleNamespace
 
+import miniwebui
 import pytest
 import torch
-
-import miniwebui
 from forge_stub import miniforge
 from forge_stub.backend.diffusion_engine.sd15 import ForgeObjects, KModel, Predictor, StableDiffusion, UnetPatcher
 from forge_stub.backend.operations import ForgeOperations, use_forge_linears
-from lib_spm import GateSettings, Session, SPMRuntimeError, archs
+from models import ldm_tree
+from spm_helpers import hook_counts, random_spm
+
+from lib_spm import GateSettings, Session, SPMRuntimeError
+from lib_spm.format import archs
+from lib_spm.format.names import factor_dtype, is_linear, layer_names, spm_layer_paths
 from lib_spm.hosts.webui.args import ApplyArgs, Choice
 from lib_spm.hosts.webui.forge import ForgeRows, ForgeTokens
 from lib_spm.hosts.webui.model import alphas_cumprod_of, is_forge, model_arch, unet_of
 from lib_spm.hosts.webui.rows import _at
-from lib_spm.names import factor_dtype, is_linear, layer_names, spm_layer_paths
 from lib_spm.world.model import load_world, new_scheduler
-from models import ldm_tree
-from spm_helpers import hook_counts, random_spm
 
 
 @pytest.fixture(scope="module")
@@ -313,7 +314,6 @@ class _ForgeTrainModel:
 
     def __init__(self, v: bool = False):
         from diffusers import DDPMScheduler
-
         from models import tiny_sd1
 
         base = tiny_sd1(True)
@@ -353,7 +353,7 @@ class _LdmForward:
 def test_training_runs_on_forges_loaded_model_and_leaves_it_as_it_was(tmp_path, v):
     from lib_spm import load_spm
     from lib_spm.hosts.webui.trainer import WebUIBackend
-    from lib_spm.trainer import TrainConfig, train_spm
+    from lib_spm.training.trainer import TrainConfig, train_spm
 
     sd = _ForgeTrainModel(v)
     unet = unet_of(sd)

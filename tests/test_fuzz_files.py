@@ -1,6 +1,6 @@
 """The loader under fuzzing: every mutant of a valid SPM loads (and is usable) or raises an SPMError.
 
-Mutants are generated at test time from a fixed seed (lib_spm/fuzz.py, the same generator as
+Mutants are generated at test time from a fixed seed (lib_spm/tools/fuzz.py, the same generator as
 ``python -m lib_spm bench fuzz``), from the built-in seeds plus files written by the runtime tests'
 ``random_spm`` and the original trainer's writer on tiny models. Special files and sparse
 gigabyte files check that nothing blocks and nothing reads what it does not use.
@@ -17,15 +17,15 @@ from pathlib import Path
 
 import pytest
 import torch
-
-from lib_spm import SPMError, SPMFormatError, SPMKeyError, SPMShapeError, load_spm
-from lib_spm.cli import main
-from lib_spm.fuzz import MUTATORS, big_files, builtin_seeds, mutants, outcome, special_files
-from lib_spm.library import SPMLibrary
-from lib_spm.metadata import Slice
-from lib_spm.zoo import write_zoo_file
 from models import tiny_sd1
 from spm_helpers import random_spm
+
+from lib_spm import SPMError, SPMFormatError, SPMKeyError, SPMShapeError, load_spm
+from lib_spm.format.metadata import Slice
+from lib_spm.format.zoo import write_zoo_file
+from lib_spm.operations.library import SPMLibrary
+from lib_spm.tools.cli import main
+from lib_spm.tools.fuzz import MUTATORS, big_files, builtin_seeds, mutants, outcome, special_files
 
 PER_MUTATOR = 250  # x 10 mutators: 2,500 files (+400 below), ~30 s on the 2-core box
 
@@ -150,7 +150,7 @@ def test_a_valid_load_reads_about_its_own_size(seeds, tmp_path):
 
 def test_no_torn_reads_while_the_file_is_replaced(seeds, tmp_path):
     """Targets, tensors and sha256 of each load come from one version even under os.replace."""
-    from lib_spm.fuzz import _K
+    from lib_spm.tools.fuzz import _K
 
     path = tmp_path / "x.safetensors"
     base = load_spm(_write(tmp_path / "seed.safetensors", seeds[0][1]))

@@ -1,14 +1,14 @@
-"""The gate report (lib_spm/gate_report.py) against the runtime: a reported gate is the gate the
+"""The gate report (lib_spm/runtime/gate_report.py) against the runtime: a reported gate is the gate the
 hooks apply to that row, per AND part and per 75-token chunk, on tiny seeded models."""
 
 import pytest
 import torch
-
-from lib_spm import GateSettings, Session, SPMValueError
-from lib_spm.gate_report import MAX_PROMPTS, Part, Probe, check_prompts, report
-from lib_spm.metadata import Slice
 from models import L, ToyEncoder, tiny_sd1, tiny_sdxl
 from spm_helpers import random_spm
+
+from lib_spm import GateSettings, Session, SPMValueError
+from lib_spm.format.metadata import Slice
+from lib_spm.runtime.gate_report import MAX_PROMPTS, Part, Probe, check_prompts, report
 
 enc = ToyEncoder()
 PER = L - 2  # words per toy chunk (one token per word)

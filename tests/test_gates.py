@@ -2,10 +2,10 @@
 
 import pytest
 import torch
+from models import L, ToyEncoder
 
 from lib_spm import GateSettings, SPMValueError
-from lib_spm.functional import clip_cosine, concept_scores, lowrank_bypass, slice_gates, token_overlap
-from models import L, ToyEncoder
+from lib_spm.runtime.functional import clip_cosine, concept_scores, lowrank_bypass, slice_gates, token_overlap
 
 enc = ToyEncoder()
 
@@ -73,7 +73,7 @@ def test_bypass_is_linear_in_each_column_coefficient():
 
 
 def test_content_mask_finds_each_chunks_own_tokens():
-    from lib_spm.functional import content_mask
+    from lib_spm.runtime.functional import content_mask
 
     m = content_mask([3, None, 5], T=2 * 5, L=5)  # chunks of 5 slots hold 3 prompt tokens each
     assert m[0].tolist() == [False, True, True, True, False] + [False] * 5
@@ -82,7 +82,7 @@ def test_content_mask_finds_each_chunks_own_tokens():
 
 
 def test_pooled_cosine_compares_end_states_centred_on_the_empty_prompt():
-    from lib_spm.functional import calibrate, end_states, pooled_cosine
+    from lib_spm.runtime.functional import calibrate, end_states, pooled_cosine
 
     e = enc.encode(["a red circle", "a blue square", "circle"])
     null = enc.encode([""])
@@ -96,7 +96,7 @@ def test_pooled_cosine_compares_end_states_centred_on_the_empty_prompt():
 
 
 def test_calibrated_session_floors_ignore_references_that_name_the_concept():
-    from lib_spm.gating import ConceptGate
+    from lib_spm.runtime.gating import ConceptGate
 
     refs = ("a circle of friends", "a dog", "a house")
     gate = ConceptGate(GateSettings(metric="pooled", reference_prompts=refs), [("circle",)], enc)
@@ -104,7 +104,7 @@ def test_calibrated_session_floors_ignore_references_that_name_the_concept():
     gate.prepare()
     null, floor = gate.calibration
     e = enc.encode(list(refs) + ["circle"])
-    from lib_spm.functional import pooled_cosine
+    from lib_spm.runtime.functional import pooled_cosine
     raw = pooled_cosine(e[:3], [len(t) for t in enc.tokens(list(refs))], e[3:], [1], null)
     assert torch.allclose(floor, raw[1:].mean(dim=0).clamp(min=0))  # "a circle of friends" left out
 

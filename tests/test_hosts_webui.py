@@ -13,13 +13,13 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-
-from lib_spm import GateSettings, Session, SPMRuntimeError, SPMShapeError
-from lib_spm import functional
-from lib_spm.hosts.webui.model import conditioning_of, unet_of
-from lib_spm.hosts.webui.rows import CHUNK, PromptTokens, RowTexts, WebUIConcepts, WebUIRows, call_plans
 from models import CTX, ToyEncoder, ldm_tree
 from spm_helpers import random_spm
+
+from lib_spm import GateSettings, Session, SPMRuntimeError, SPMShapeError
+from lib_spm.hosts.webui.model import conditioning_of, unet_of
+from lib_spm.hosts.webui.rows import CHUNK, PromptTokens, RowTexts, WebUIConcepts, WebUIRows, call_plans
+from lib_spm.runtime import functional
 
 ENC = ToyEncoder()
 START, END = ToyEncoder.START, ToyEncoder.END
@@ -310,7 +310,7 @@ def test_long_prompt_tokens_and_chunk_layout():
     assert [len(c) for c in tok.chunks(LONG)] == [75, 25]
     cond = model.get_learned_conditioning([LONG])
     assert cond.shape == (1, 2 * CHUNK, CTX)
-    # lib_spm.functional's layout: the end token of each chunk sits right after its prompt tokens
+    # lib_spm.runtime.functional's layout: the end token of each chunk sits right after its prompt tokens
     ends = functional.end_states(cond, [len(tok.row(LONG))], CHUNK)[0]
     assert torch.equal(ends[0], ENC._vec(END)) and torch.equal(ends[1], ENC._vec(END))
     mask = functional.content_mask([len(ids)], cond.shape[1], CHUNK)[0]

@@ -8,15 +8,15 @@ from contextlib import contextmanager
 import numpy as np
 import pytest
 import torch
+from spm_helpers import hook_counts
 
 from lib_spm import SPMRuntimeError, SPMValueError, load_spm
-from lib_spm.jobs import JobRunner, PreviewSettings, TrainJob, sample_latents, to_uint8
-from lib_spm.train_config import TrainConfig
-from lib_spm.trainer import train_spm
+from lib_spm.training.jobs import JobRunner, PreviewSettings, TrainJob, sample_latents, to_uint8
+from lib_spm.training.train_config import TrainConfig
+from lib_spm.training.trainer import train_spm
 from lib_spm.world.model import load_world
 from lib_spm.world.pipeline import world_backend
 from lib_spm.world.presets import PRESETS, apply_preset
-from spm_helpers import hook_counts
 
 WAIT = 120  # seconds: far above a few CPU steps, low enough that a hang fails instead of stalling CI
 

@@ -10,15 +10,15 @@ from pathlib import Path
 
 import pytest
 import torch
-
-from lib_spm import library
-from lib_spm.errors import ArchitectureMismatch, SPMFolderError, SPMKeyError, SPMNameError, SPMValueError
-from lib_spm.library import SPMLibrary, check_name
-from lib_spm.metadata import SPMMetadata, Slice
-from lib_spm.safetensors_io import read_file, read_header, write_file
-from lib_spm.spm_file import LayerWeights, SPMFile, file_sha256
 from models import tiny_sd1
 from spm_helpers import random_spm
+
+from lib_spm.errors import ArchitectureMismatch, SPMFolderError, SPMKeyError, SPMNameError, SPMValueError
+from lib_spm.format.metadata import Slice, SPMMetadata
+from lib_spm.format.safetensors_io import read_file, read_header, write_file
+from lib_spm.format.spm_file import LayerWeights, SPMFile, file_sha256
+from lib_spm.operations import library
+from lib_spm.operations.library import SPMLibrary, check_name
 
 TO_K = "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn2_to_k"
 
@@ -464,7 +464,7 @@ def test_the_longest_name_allowed_lives_through_every_operation(lib, unet, char)
 
 
 def test_a_folder_with_a_smaller_name_limit_is_respected():
-    from lib_spm.library import _DERIVED_BYTES  # the longest sidecar suffix and temporary name
+    from lib_spm.operations.library import _DERIVED_BYTES  # the longest sidecar suffix and temporary name
 
     limit = 100 + _DERIVED_BYTES  # room for exactly 100 bytes of name
     assert check_name("é" * 50, name_max=limit) == "é" * 50

@@ -5,13 +5,13 @@ from __future__ import annotations
 
 import pytest
 import torch
-
-from lib_spm import ArchitectureMismatch, GateSettings, Session, SPMShapeError, SPMValueError, load_spm
-from lib_spm.merge import bake_diffusers_folder, bake_ldm_checkpoint, extract, merge_compressed, merge_exact
-from lib_spm.metadata import SPMMetadata
-from lib_spm.spm_file import LayerWeights, SPMFile
 from models import ToyEncoder, tiny_sd1
 from spm_helpers import merged, random_spm
+
+from lib_spm import ArchitectureMismatch, GateSettings, Session, SPMShapeError, SPMValueError, load_spm
+from lib_spm.format.metadata import SPMMetadata
+from lib_spm.format.spm_file import LayerWeights, SPMFile
+from lib_spm.operations.merge import bake_diffusers_folder, bake_ldm_checkpoint, extract, merge_compressed, merge_exact
 
 PROMPTS = ["a red circle", "a blue square", "a triangle on grass", "a photo"]
 
@@ -150,8 +150,8 @@ def test_bake_diffusers_folder_equals_runtime_at_gate_one(world, tmp_path):
 
 def _sd1_subset_spm(n_layers=3, scale=0.05, seed=0):
     """An sd1 SPM over a few full-size layers, and a matching slice of an LDM checkpoint."""
-    from lib_spm import archs
-    from lib_spm.names import layer_names, spm_layer_paths
+    from lib_spm.format import archs
+    from lib_spm.format.names import layer_names, spm_layer_paths
 
     ref = archs.reference_unet("sd1")
     names = layer_names(ref)
@@ -167,7 +167,7 @@ def _sd1_subset_spm(n_layers=3, scale=0.05, seed=0):
 
 
 def test_bake_ldm_checkpoint_adds_deltas_in_fp32_and_never_overwrites(tmp_path):
-    from lib_spm.safetensors_io import read_file, write_file
+    from lib_spm.format.safetensors_io import read_file, write_file
 
     spm, ckpt = _sd1_subset_spm()
     src = write_file(tmp_path / "model.safetensors", ckpt, {"note": "kept"})
@@ -262,7 +262,7 @@ def _temp(folder, dest: str, pid: int, age_s: float, tag: str = "abcd_123"):
     import os
     import time
 
-    from lib_spm import tempfiles
+    from lib_spm.operations import tempfiles
 
     path = folder / f".{dest}.{pid}-{tag}{tempfiles.SUFFIX}"
     path.write_bytes(b"x" * 64)
@@ -279,7 +279,7 @@ def test_next_write_cleans_only_its_own_stale_temporaries(tmp_path):
 
     from safetensors.torch import save_file
 
-    from lib_spm import tempfiles
+    from lib_spm.operations import tempfiles
 
     spm, ckpt = _sd1_subset_spm()
     save_file(ckpt, str(tmp_path / "model.safetensors"))
@@ -313,11 +313,11 @@ def test_a_write_killed_midway_leaves_a_temporary_the_next_write_removes(tmp_pat
 
     from safetensors.torch import load_file, save_file
 
-    from lib_spm import tempfiles
+    from lib_spm.operations import tempfiles
 
     code = (
         "import sys\n"
-        "from lib_spm.checkpoint_io import Planned, write_stream\n"
+        "from lib_spm.format.checkpoint_io import Planned, write_stream\n"
         "def stall(out):\n"
         "    out.write(bytes(4096)); out.flush(); print('writing', flush=True); sys.stdin.read()\n"
         "write_stream(sys.argv[1], [Planned('t', 'U8', (8192,), stall)], None)\n")
@@ -386,7 +386,7 @@ def test_merge_rank_is_capped_at_what_the_deltas_hold(world):
 def test_bake_memory_bench_runs_on_a_tiny_checkpoint(tmp_path):
     """The full benchmark (BENCHMARKS.md) on a slice of SD1.5: one transformer block of the UNet,
     the non-float tensors, baked in a child process."""
-    from lib_spm.bench_bake import bench_bake_memory, checkpoint_spec
+    from lib_spm.tools.bench_bake import bench_bake_memory, checkpoint_spec
 
     spec = [s for s in checkpoint_spec("sd1") if ".input_blocks.1." in s[0]
             or (s[1] is not None and not s[1].is_floating_point)]

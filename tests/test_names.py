@@ -1,4 +1,4 @@
-"""Layer names (lib_spm.names) against the real WebUI v1.10.1 ground truth in tests/fixtures.
+"""Layer names (lib_spm.format.names) against the real WebUI v1.10.1 ground truth in tests/fixtures.
 
 Three independent sources are cross-checked:
 - our structural derivation (``layer_names``/``resolve``) run on the full-size diffusers reference
@@ -17,11 +17,11 @@ from functools import lru_cache
 
 import pytest
 import torch.nn as nn
-
-from lib_spm.archs import reference_unet
-from lib_spm.errors import SPMError, SPMKeyError, UnresolvedKeysError
-from lib_spm.names import LayerName, layer_names, resolve, spm_layer_paths
 from models import FIXTURES, ldm_tree, tiny_sd1, tiny_sdxl
+
+from lib_spm.errors import SPMError, SPMKeyError, UnresolvedKeysError
+from lib_spm.format.archs import reference_unet
+from lib_spm.format.names import LayerName, layer_names, resolve, spm_layer_paths
 
 TAGS = ("sd15", "sdxl")
 ARCH = {"sd15": "sd1", "sdxl": "sdxl"}
@@ -490,9 +490,10 @@ def test_saved_file_loads_in_the_builtin_lora(tag, arch, tmp_path):
     """networks.load_network: partition each key at its first dot, resolve the stem, and build a
     NetworkModuleLora from lora_up/lora_down (+alpha); every key must land on a module of the
     right shape, and the ss_* metadata must label the file with the right architecture."""
-    from lib_spm import load_spm
-    from lib_spm.zoo import write_zoo_file
     from safetensors import safe_open
+
+    from lib_spm import load_spm
+    from lib_spm.format.zoo import write_zoo_file
 
     src = tmp_path / "zoo.safetensors"
     write_zoo_file(src, ref(tag), ["snoopy"], rank=2, alpha=1.0)
@@ -526,7 +527,7 @@ def weight_shape_of(fixture_module: dict) -> list[int]:
 
 def test_one_place_tells_what_a_unet_is():
     """archs answers for any UNet: its architecture by cross-attention width, its module layout."""
-    from lib_spm.archs import unet_arch, unet_layout
+    from lib_spm.format.archs import unet_arch, unet_layout
 
     for tag in TAGS:  # the reference UNets the other tests build too (cached)
         assert (unet_arch(ref(tag)), unet_layout(ref(tag))) == (ARCH[tag], "diffusers")

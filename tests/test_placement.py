@@ -10,14 +10,14 @@ import pytest
 import torch
 import torch.nn as nn
 from diffusers import UNet2DConditionModel
-
-from lib_spm import ArchitectureMismatch, GateSettings, Session, SPMKeyError, UnresolvedKeysError
-from lib_spm.lora_check import webui_lora_check
-from lib_spm.names import layer_kind, layer_names, resolve
-from lib_spm.placement import fit, placement
-from lib_spm.spm_file import LayerWeights
 from models import tiny_sd1
 from spm_helpers import hook_counts, random_spm
+
+from lib_spm import ArchitectureMismatch, GateSettings, Session, SPMKeyError, UnresolvedKeysError
+from lib_spm.format.names import layer_kind, layer_names, resolve
+from lib_spm.format.spm_file import LayerWeights
+from lib_spm.operations.lora_check import webui_lora_check
+from lib_spm.runtime.placement import fit, placement
 
 PROJ_IN = "down_blocks.0.attentions.0.proj_in"
 TO_K = "down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_k"
@@ -159,7 +159,7 @@ def test_fit_shapes_factors_for_each_kind_of_module(module, kind, problem):
 
 
 def test_lora_check_names_the_key_that_does_not_fit():
-    from lib_spm import archs
+    from lib_spm.format import archs
 
     spm = random_spm(archs.reference_unet("sd1"), ["circle"], name="c", every=16)
     spm.metadata.arch = "sd1"

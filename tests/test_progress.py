@@ -7,7 +7,7 @@ from __future__ import annotations
 import io
 
 from lib_spm.progress import Progress, clock_text
-from lib_spm.trainer import TrainStatus
+from lib_spm.training.trainer import TrainStatus
 
 
 class Clock:

@@ -65,9 +65,10 @@ def _request(url, data=None, timeout=900) -> tuple[int, dict]:
 
 
 def _spm_folder(folder: Path) -> None:
-    from lib_spm import archs
-    from lib_spm.spm_file import LayerWeights
     from spm_helpers import random_spm
+
+    from lib_spm.format import archs
+    from lib_spm.format.spm_file import LayerWeights
 
     folder.mkdir()
     spm = random_spm(archs.reference_unet(ARCH), ["snoopy"], std=0.05, name="snoopy")

@@ -9,12 +9,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lib_spm.metadata import SPMMetadata
-from lib_spm.session import GateSettings
-from lib_spm.spm_file import SPMFile, parse_state_dict
+from lib_spm.format.metadata import SPMMetadata
+from lib_spm.format.spm_file import SPMFile, parse_state_dict
+from lib_spm.format.zoo import zoo_state_dict
+from lib_spm.runtime.session import GateSettings
 from lib_spm.world import bench_robustness as br
 from lib_spm.world.model import UNET_CONFIG, Classifier, World, WorldTextEncoder
-from lib_spm.zoo import zoo_state_dict
 
 
 @pytest.fixture(scope="module")

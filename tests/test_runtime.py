@@ -8,13 +8,13 @@ from typing import Callable
 import pytest
 import torch
 import torch.nn as nn
+from models import CTX, ToyEncoder, ldm_tree, tiny_sd1, tiny_sdxl
+from spm_helpers import hook_counts, merged, merged_columns, published, random_spm
 from torch.overrides import TorchFunctionMode
 
 from lib_spm import ArchitectureMismatch, GateSettings, Session, SPMRuntimeError, UnresolvedKeysError
-from lib_spm.metadata import Slice
-from lib_spm.placement import placement
-from models import CTX, ToyEncoder, ldm_tree, tiny_sd1, tiny_sdxl
-from spm_helpers import hook_counts, merged, merged_columns, published, random_spm
+from lib_spm.format.metadata import Slice
+from lib_spm.runtime.placement import placement
 
 PROMPTS = ["a red circle", "a blue square on grass", "circle", "a photo of a dog"]
 B = len(PROMPTS)
@@ -270,7 +270,7 @@ class _InterruptedLinear(nn.Linear):
 
 def _interrupt_at(model: nn.Module, index: int, when: str) -> _InterruptedLinear:
     """Swap the ``index``-th adapted Linear for an interrupted one with the same weights."""
-    from lib_spm.names import spm_layer_paths
+    from lib_spm.format.names import spm_layer_paths
 
     path = [p for p in spm_layer_paths(model) if type(model.get_submodule(p)) is nn.Linear][index]
     old = model.get_submodule(path)

@@ -6,15 +6,15 @@ import pytest
 import torch
 import torch.nn.functional as F
 from diffusers import DDIMScheduler, DDPMScheduler
-
-from lib_spm import SPMValueError, load_spm
-from lib_spm.hosts.diffusers import DiffusersBackend
-from lib_spm.safetensors_io import read_file, write_file
-from lib_spm.schedule import ddim_step, eps_from_v, leading_timesteps
-from lib_spm.train_config import TrainConfig, read_checkpoint
-from lib_spm.trainer import Conditioning, Trainer, train_spm
 from models import CTX, ToyEncoder, sdxl_added, tiny_sd1, tiny_sdxl
 from spm_helpers import hook_counts
+
+from lib_spm import SPMValueError, load_spm
+from lib_spm.format.safetensors_io import read_file, write_file
+from lib_spm.hosts.diffusers import DiffusersBackend
+from lib_spm.training.schedule import ddim_step, eps_from_v, leading_timesteps
+from lib_spm.training.train_config import TrainConfig, read_checkpoint
+from lib_spm.training.trainer import Conditioning, Trainer, train_spm
 
 ACP = DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012).alphas_cumprod
 

@@ -7,7 +7,7 @@ import threading
 import pytest
 import torch
 
-from lib_spm.cli import build_parser
+from lib_spm.tools.cli import build_parser
 from lib_spm.ui.local import LocalHost
 
 
@@ -60,7 +60,7 @@ def test_ui_command_arguments():
 def test_ui_command_without_gradio_says_where_it_is(tmp_path, capsys):
     import importlib.util
 
-    from lib_spm.cli import main
+    from lib_spm.tools.cli import main
 
     if importlib.util.find_spec("gradio") is not None:
         pytest.skip("gradio is installed here: the command would serve")

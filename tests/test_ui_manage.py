@@ -10,14 +10,14 @@ from dataclasses import dataclass
 
 import pytest
 import torch
-
-from lib_spm.library import SPMLibrary
-from lib_spm.metadata import SPMMetadata
-from lib_spm.safetensors_io import write_file
-from lib_spm.spm_file import LayerWeights, SPMFile
-from lib_spm.ui import manage
 from models import tiny_sd1
 from spm_helpers import random_spm
+
+from lib_spm.format.metadata import SPMMetadata
+from lib_spm.format.safetensors_io import write_file
+from lib_spm.format.spm_file import LayerWeights, SPMFile
+from lib_spm.operations.library import SPMLibrary
+from lib_spm.ui import manage
 
 HOSTILE = "<script>alert('x')</script><img src=x onerror=alert(1)>"
 TO_K = "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn2_to_k"

@@ -9,15 +9,15 @@ from pathlib import Path
 
 import pytest
 import torch
-
-from lib_spm import SPMValueError
-from lib_spm.library import SPMLibrary
-from lib_spm.metadata import SPMMetadata
-from lib_spm.safetensors_io import read_file, write_file
-from lib_spm.spm_file import LayerWeights, SPMFile
-from lib_spm.ui import merge as panel
 from models import tiny_sd1
 from spm_helpers import random_spm
+
+from lib_spm import SPMValueError
+from lib_spm.format.metadata import SPMMetadata
+from lib_spm.format.safetensors_io import read_file, write_file
+from lib_spm.format.spm_file import LayerWeights, SPMFile
+from lib_spm.operations.library import SPMLibrary
+from lib_spm.ui import merge as panel
 
 
 class Host:
@@ -147,8 +147,8 @@ def test_mixed_architectures_are_refused_by_the_core(host):
 
 def _sd1_checkpoint_and_spm(folder: Path, seed: int = 0):
     """A few full-size sd1 layers as an LDM single-file checkpoint, and an sd1 SPM over them."""
-    from lib_spm import archs
-    from lib_spm.names import layer_names, spm_layer_paths
+    from lib_spm.format import archs
+    from lib_spm.format.names import layer_names, spm_layer_paths
 
     ref = archs.reference_unet("sd1")
     names = layer_names(ref)

@@ -6,13 +6,13 @@ from __future__ import annotations
 import re
 
 import pytest
+from spm_helpers import random_spm
 
 from lib_spm import GateSettings
 from lib_spm.errors import SPMValueError
 from lib_spm.ui import test_panel
 from lib_spm.ui.local import LocalHost
 from lib_spm.world.pipeline import WorldPipeline
-from spm_helpers import random_spm
 
 PROMPTS = ["a red circle", "a blue square"]
 
@@ -77,7 +77,7 @@ def test_api_body_is_checked_field_by_field(host):
 
 
 def test_render_marks_enforced_columns_and_lists_what_was_skipped():
-    from lib_spm.gate_report import GateReport, GateValue, Part
+    from lib_spm.runtime.gate_report import GateReport, GateValue, Part
 
     rep = GateReport(["a red circle"], [[Part("", "a red circle")]], [[1]],
                      [GateValue(0, 0, None, "nsfw", "nsfw", True, 0.25),

@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 
 from lib_spm import load_spm
-from lib_spm.jobs import JobRunner
-from lib_spm.library import SPMLibrary
-from lib_spm.presets import PRESETS
-from lib_spm.train_config import read_checkpoint
+from lib_spm.operations.library import SPMLibrary
+from lib_spm.training.jobs import JobRunner
+from lib_spm.training.presets import PRESETS
+from lib_spm.training.train_config import read_checkpoint
 from lib_spm.ui.train import NO_RESUME, TrainPanel, concepts_text, loss_points, parse_surrogates, split_concepts
 from lib_spm.world.model import load_world
 from lib_spm.world.pipeline import world_backend

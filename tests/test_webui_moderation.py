@@ -13,16 +13,16 @@ import sys
 from dataclasses import replace
 from types import SimpleNamespace
 
+import miniwebui
 import pytest
 import torch
-
-import miniwebui
-from lib_spm.errors import SPMError
-from lib_spm.hosts.webui.args import ApplyArgs, Choice
-from lib_spm.moderation import Policy, opposition
-from lib_spm.spm_file import LayerWeights
-from lib_spm.world.model import load_world
 from spm_helpers import hook_counts, random_spm
+
+from lib_spm.errors import SPMError
+from lib_spm.format.spm_file import LayerWeights
+from lib_spm.hosts.webui.args import ApplyArgs, Choice
+from lib_spm.runtime.moderation import Policy, opposition
+from lib_spm.world.model import load_world
 
 PROMPTS = ["a red circle", "a blue square on black"]
 STEPS = 2

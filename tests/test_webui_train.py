@@ -13,15 +13,15 @@ import numpy as np
 import pytest
 import torch
 from diffusers import DDPMScheduler, UNet2DConditionModel
-
-from lib_spm import SPMRuntimeError, SPMValueError, load_spm
-from lib_spm.hosts.webui.model import model_kind
-from lib_spm.hosts.webui.trainer import WebUIBackend
-from lib_spm.hosts.diffusers import DiffusersBackend
-from lib_spm.train_config import TrainConfig
-from lib_spm.trainer import Conditioning, train_spm
 from models import CTX, ToyEncoder, tiny_sd1, tiny_sdxl
 from spm_helpers import hook_counts
+
+from lib_spm import SPMRuntimeError, SPMValueError, load_spm
+from lib_spm.hosts.diffusers import DiffusersBackend
+from lib_spm.hosts.webui.model import model_kind
+from lib_spm.hosts.webui.trainer import WebUIBackend
+from lib_spm.training.train_config import TrainConfig
+from lib_spm.training.trainer import Conditioning, train_spm
 
 ACP = DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012).alphas_cumprod
 ENC = ToyEncoder()

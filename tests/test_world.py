@@ -105,7 +105,7 @@ def test_training_an_spm_really_erases_the_target(pipe, tmp_path):
 
 @pytest.mark.slow
 def test_demo_writes_its_report(tmp_path):
-    from lib_spm.demo import run_demo
+    from lib_spm.tools.demo import run_demo
 
     metrics = run_demo(tmp_path, concept="star", n=2, iterations=20)
     assert json.loads((tmp_path / "metrics.json").read_text()) == metrics

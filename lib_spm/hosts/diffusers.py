@@ -16,11 +16,11 @@ from typing import Callable, Sequence
 import torch
 
 from ..errors import SPMValueError
-from ..schedule import eps_from_v
-from ..gating import GateSettings
-from ..session import Session
-from ..spm_file import SPMFile
-from ..trainer import Conditioning
+from ..format.spm_file import SPMFile
+from ..runtime.gating import GateSettings
+from ..runtime.session import Session
+from ..training.schedule import eps_from_v
+from ..training.trainer import Conditioning
 
 
 class TextEncoderConcepts:
@@ -102,7 +102,7 @@ class SPMPipeline:
 
 
 class DiffusersBackend:
-    """The trainer's :class:`~lib_spm.trainer.Backend` for a diffusers ``UNet2DConditionModel`` with
+    """The trainer's :class:`~lib_spm.training.trainer.Backend` for a diffusers ``UNet2DConditionModel`` with
     an encode function (SD1/SD2/SDXL, eps or v prediction).
 
     ``decode`` (latents -> [B, 3, H, W] in [0, 1]), when given, lets a job show previews.

@@ -14,15 +14,15 @@ from typing import TYPE_CHECKING, Protocol, Sequence
 
 import torch.nn as nn
 
-from ..gate_report import PromptRows
-from ..jobs import JobRunner
-from ..library import SPMLibrary
-from ..gating import GateSettings
-from ..spm_file import SPMFile
-from ..trainer import Backend
+from ..format.spm_file import SPMFile
+from ..operations.library import SPMLibrary
+from ..runtime.gate_report import PromptRows
+from ..runtime.gating import GateSettings
+from ..training.jobs import JobRunner
+from ..training.trainer import Backend
 
 if TYPE_CHECKING:
-    from ..gating import ConceptEncoder
+    from ..runtime.gating import ConceptEncoder
 
 
 @dataclass(frozen=True)

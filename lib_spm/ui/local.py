@@ -11,10 +11,10 @@ import threading
 from contextlib import contextmanager
 from pathlib import Path
 
-from ..gate_report import Part
-from ..jobs import JobRunner
-from ..library import SPMLibrary
-from ..gating import GateSettings
+from ..operations.library import SPMLibrary
+from ..runtime.gate_report import Part
+from ..runtime.gating import GateSettings
+from ..training.jobs import JobRunner
 from .host import GateProbe
 
 log = logging.getLogger(__name__)

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from ..errors import SPMError
-from ..library import UNGATED, Entry, human_size
+from ..operations.library import UNGATED, Entry, human_size
 
 if TYPE_CHECKING:
     from .host import UIHost

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 from ..errors import SPMError, SPMValueError
-from ..library import check_name, human_size
+from ..operations.library import check_name, human_size
 from ..values import name_weight, number, split_list, whole
 from .host import UIHost
 
@@ -164,7 +164,7 @@ def plan(host: UIHost, names: list[str] | None, weights: str | None, method: str
 
 def execute(host: UIHost, p: MergePlan, report: Callable[[str], None] = lambda text: None) -> str:
     """Do a checked plan (the caller holds the job slot); returns the result as text."""
-    from ..merge import bake_ldm_checkpoint, merge_compressed, merge_exact
+    from ..operations.merge import bake_ldm_checkpoint, merge_compressed, merge_exact
 
     total = len(p.inputs) + 2
 

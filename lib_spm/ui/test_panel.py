@@ -1,7 +1,7 @@
 """The Test panel: type prompts, pick SPMs, see each SPM's gate per prompt, ``AND`` part and chunk.
 
 Operators check a pack here before enforcing it: the enforced SPMs are always shown too, with the
-gate the operator's settings give them. Gates come from :mod:`lib_spm.gate_report` (the runtime's
+gate the operator's settings give them. Gates come from :mod:`lib_spm.runtime.gate_report` (the runtime's
 own scoring) under the host's hold on the model; before/after images only where the host can
 generate them cleanly. ``/spm/v1/gates`` answers the same request as JSON (:func:`api`).
 Nothing here writes a file.
@@ -12,11 +12,11 @@ from __future__ import annotations
 import html
 from dataclasses import dataclass
 
-from .. import functional
 from ..errors import SPMError, SPMValueError
-from ..gate_report import GateReport, Probe, check_prompts, report
-from ..library import check_name
-from ..gating import GateSettings
+from ..operations.library import check_name
+from ..runtime import functional
+from ..runtime.gate_report import GateReport, Probe, check_prompts, report
+from ..runtime.gating import GateSettings
 from ..values import flag, number
 from .host import UIHost
 

@@ -1,6 +1,6 @@
 """The Train panel of the SPM tab: a recipe, a concept, a background job, live loss and previews.
 
-Training runs as a :class:`~lib_spm.jobs.TrainJob` in its own thread under the host's job slot;
+Training runs as a :class:`~lib_spm.training.jobs.TrainJob` in its own thread under the host's job slot;
 the page only watches it. ``Train`` is a generator handler that yields the job's state about
 every ``poll`` seconds until it ends, so closing the page stops nothing: "Show running job"
 re-attaches. One job runs at a time, through the host's ``jobs`` runner when it has one (so a
@@ -19,8 +19,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Iterator
 
 from ..errors import SPMError, SPMValueError
-from ..jobs import JobRunner, JobSnapshot, PreviewSettings, TrainJob
-from ..train_config import TrainConfig, read_checkpoint, resume_differences
+from ..training.jobs import JobRunner, JobSnapshot, PreviewSettings, TrainJob
+from ..training.train_config import TrainConfig, read_checkpoint, resume_differences
 from ..values import number, whole
 from ..world.presets import PRESETS, apply_preset
 

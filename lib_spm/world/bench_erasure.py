@@ -16,10 +16,19 @@ from pathlib import Path
 
 import torch
 
-from ..gating import GateSettings
+from ..runtime.gating import GateSettings
 from . import data
-from .erasure import (ORIGINAL_RECIPE, SAMPLING_OVERRIDES, WORLD_RECIPE, measure, other_prompts, target_prompts, train_concept,
-                      train_concept_run, training_cost)
+from .erasure import (
+    ORIGINAL_RECIPE,
+    SAMPLING_OVERRIDES,
+    WORLD_RECIPE,
+    measure,
+    other_prompts,
+    target_prompts,
+    train_concept,
+    train_concept_run,
+    training_cost,
+)
 from .model import load_world
 from .pipeline import WorldPipeline
 

@@ -15,10 +15,10 @@ from pathlib import Path
 
 import torch
 
-from ..merge import merge_compressed, merge_exact
-from ..names import resolve
-from ..gating import GateSettings
-from ..session import Session
+from ..format.names import resolve
+from ..operations.merge import merge_compressed, merge_exact
+from ..runtime.gating import GateSettings
+from ..runtime.session import Session
 from . import data
 from .bench_erasure import GATES, publish
 from .erasure import measure, target_prompts, train_concept

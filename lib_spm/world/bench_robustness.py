@@ -36,8 +36,8 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import SPMValueError
-from ..session import GateSettings, Session
-from ..spm_file import SPMFile
+from ..format.spm_file import SPMFile
+from ..runtime.session import GateSettings, Session
 from . import data
 from .bench_erasure import GATES as ERASURE_GATES
 from .erasure import WORLD_RECIPE

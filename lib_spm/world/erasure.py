@@ -15,10 +15,10 @@ from typing import Sequence
 
 import torch
 
-from ..gating import GateSettings
-from ..spm_file import SPMFile, load_spm
-from ..train_config import TrainConfig
-from ..trainer import train_spm
+from ..format.spm_file import SPMFile, load_spm
+from ..runtime.gating import GateSettings
+from ..training.train_config import TrainConfig
+from ..training.trainer import train_spm
 from . import data
 from .pipeline import WorldPipeline, prompt_labels, world_backend
 

@@ -20,7 +20,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..clip_vocab import clip_tokenizer
+from ..tools.clip_vocab import clip_tokenizer
 from . import data
 
 WEIGHTS = Path(__file__).parent / "weights"

@@ -1,7 +1,7 @@
 """Sampling and judging in the shapes world: the host that owns its batch-row layout.
 
 Rows of every UNet call are [negative prompts..., prompts...] (the diffusers order); the
-pipeline records each row's prompt so a :class:`~lib_spm.session.Session` can gate rows by
+pipeline records each row's prompt so a :class:`~lib_spm.runtime.session.Session` can gate rows by
 their own text.
 """
 
@@ -12,9 +12,9 @@ from typing import Sequence
 
 import torch
 
-from ..gating import GateSettings
-from ..session import Session
-from ..spm_file import SPMFile
+from ..format.spm_file import SPMFile
+from ..runtime.gating import GateSettings
+from ..runtime.session import Session
 from . import data
 from .model import LATENT, World, decode_latent, new_scheduler
 
@@ -101,7 +101,7 @@ def accuracy(pipe: WorldPipeline, prompts: Sequence[str], n: int = 16, seed: int
 def world_backend(world: World):
     """The trainer's backend for the shapes world (SD1-style conditioning, epsilon prediction)."""
     from ..hosts.diffusers import DiffusersBackend
-    from ..trainer import Conditioning
+    from ..training.trainer import Conditioning
     from .model import SCHEDULE
 
     sched = new_scheduler()

@@ -1,11 +1,11 @@
 """The Train panel's presets where the shapes world may be the model: the real-model presets
-(:mod:`lib_spm.presets`) and the recipe measured in this world (:data:`~lib_spm.world.erasure.WORLD_RECIPE`)."""
+(:mod:`lib_spm.training.presets`) and the recipe measured in this world (:data:`~lib_spm.world.erasure.WORLD_RECIPE`)."""
 
 from __future__ import annotations
 
-from .. import presets
-from ..presets import Preset
-from ..train_config import TrainConfig
+from ..training import presets
+from ..training.presets import Preset
+from ..training.train_config import TrainConfig
 from .erasure import WORLD_RECIPE
 
 # WORLD_RECIPE is measured in BENCHMARKS.md; the world renders 32 px.
@@ -17,5 +17,5 @@ PRESETS: dict[str, Preset] = {**presets.PRESETS, "shapes world quick": WORLD_PRE
 
 
 def apply_preset(name: str, /, **overrides) -> TrainConfig:
-    """:func:`lib_spm.presets.apply_preset` over :data:`PRESETS`."""
+    """:func:`lib_spm.training.presets.apply_preset` over :data:`PRESETS`."""
     return presets.apply_preset(name, PRESETS, **overrides)

@@ -7,7 +7,7 @@ import hashlib
 import json
 from pathlib import Path
 
-from ..spm_file import SPMFile, load_spm
+from ..format.spm_file import SPMFile, load_spm
 from .erasure import WORLD_RECIPE, train_concept
 from .pipeline import WorldPipeline
 
@@ -15,7 +15,7 @@ from .pipeline import WorldPipeline
 def recipe_key(concept: str, seed: int, recipe: dict) -> str:
     """A file-name-safe key: the concept, and a hash of the recipe, seed and the trainer's code
     (a change to the trainer must not silently reuse SPMs it would no longer produce)."""
-    from .. import trainer
+    from ..training import trainer
 
     code = hashlib.sha256(Path(trainer.__file__).read_bytes()).hexdigest()
     blob = json.dumps({"concept": concept, "seed": seed, "recipe": recipe, "trainer": code}, sort_keys=True)

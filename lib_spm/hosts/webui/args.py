@@ -12,10 +12,10 @@ import re
 from dataclasses import dataclass
 from typing import Sequence
 
-from ... import functional
 from ...errors import SPMError, SPMValueError
-from ...gating import GateSettings
-from ...spm_file import MAX_STRENGTH
+from ...format.spm_file import MAX_STRENGTH
+from ...runtime import functional
+from ...runtime.gating import GateSettings
 from ...values import flag, number, parse_name_weights
 
 SLOTS = 4  # SPM choices in the accordion; the API's args follow the same layout

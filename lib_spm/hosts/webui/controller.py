@@ -39,18 +39,38 @@ import weakref
 from dataclasses import dataclass, field, replace
 from typing import Callable, Sequence
 
-from ...errors import (ArchitectureMismatch, ModerationUnavailable, SPMError, SPMKeyError, SPMRefusal, SPMRequestError,
-                       SPMShapeError, UnresolvedKeysError)
-from ...library import SPMLibrary, check_name
-from ...moderation import Policy, opposed
-from ...names import layer_names
-from ...placement import placement
-from ...gating import GateSettings
-from ...session import Session
-from ...spm_file import MAX_STRENGTH, SPMFile
+from ...errors import (
+    ArchitectureMismatch,
+    ModerationUnavailable,
+    SPMError,
+    SPMKeyError,
+    SPMRefusal,
+    SPMRequestError,
+    SPMShapeError,
+    UnresolvedKeysError,
+)
+from ...format.names import layer_names
+from ...format.spm_file import MAX_STRENGTH, SPMFile
+from ...operations.library import SPMLibrary, check_name
+from ...runtime.gating import GateSettings
+from ...runtime.moderation import Policy, opposed
+from ...runtime.placement import placement
+from ...runtime.session import Session
 from ...values import number
-from .args import INFO_ENFORCED, INFO_FT, INFO_HASHES, INFO_KEYS, INFO_SKIPPED, INFO_SPM, INFO_UNGATED, MAX_FACTOR, \
-    ApplyArgs, Choice, merge_choices, tag_choices
+from .args import (
+    INFO_ENFORCED,
+    INFO_FT,
+    INFO_HASHES,
+    INFO_KEYS,
+    INFO_SKIPPED,
+    INFO_SPM,
+    INFO_UNGATED,
+    MAX_FACTOR,
+    ApplyArgs,
+    Choice,
+    merge_choices,
+    tag_choices,
+)
 from .gateway import Gateway
 from .model import is_placeholder, model_arch, unet_of
 from .rows import WebUIConcepts, WebUIRows, rows_for, tokens_for

@@ -14,10 +14,10 @@ import threading
 from pathlib import Path
 
 from ...errors import SPMError, SPMForbidden, SPMRefusal, SPMRequestError
-from ...jobs import JobRunner
-from ...library import UNGATED, SPMLibrary
-from ...moderation import Policy
-from ...gating import GateSettings
+from ...operations.library import UNGATED, SPMLibrary
+from ...runtime.gating import GateSettings
+from ...runtime.moderation import Policy
+from ...training.jobs import JobRunner
 from .controller import SPMController
 from .gateway import Gateway, webui
 from .model import model_arch

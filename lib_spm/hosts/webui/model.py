@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from ... import archs
 from ...errors import SPMRuntimeError
+from ...format import archs
 
 
 def is_forge(sd_model) -> bool:
@@ -58,7 +58,7 @@ def conditioning_of(args: tuple, kwargs: dict) -> torch.Tensor:
 
 def model_arch(sd_model) -> str | None:
     """The loaded model's architecture: the flags ``sd_models.set_model_type`` sets, else what
-    :func:`lib_spm.archs.unet_arch` reads from its UNet."""
+    :func:`lib_spm.format.archs.unet_arch` reads from its UNet."""
     for attr, arch in (("is_sdxl", "sdxl"), ("is_sd2", "sd2"), ("is_sd1", "sd1")):
         if getattr(sd_model, attr, False) is True:
             return arch

@@ -16,7 +16,7 @@ import contextlib
 import torch
 
 from ...errors import SPMShapeError
-from ...gate_report import Part
+from ...runtime.gate_report import Part
 from .rows import CHUNK, PromptTokens
 
 STEPS = 20  # prompt editing is shown at this many sampling steps
@@ -28,7 +28,7 @@ NO_IMAGES = ("Gates only in the WebUI: its images come from txt2img/img2img, whi
 
 
 class WebUIPromptRows:
-    """:class:`~lib_spm.gate_report.PromptRows` for the loaded WebUI model."""
+    """:class:`~lib_spm.runtime.gate_report.PromptRows` for the loaded WebUI model."""
 
     chunk = CHUNK
 

@@ -93,7 +93,7 @@ class PromptTokens:
     def row(self, text: str) -> tuple[int, ...]:
         """A row's tokens with every chunk but the last filled to 75 by the WebUI's own padding id.
 
-        ``lib_spm.functional`` locates tokens by count (75 per chunk); the WebUI ends a chunk
+        ``lib_spm.runtime.functional`` locates tokens by count (75 per chunk); the WebUI ends a chunk
         early at ``BREAK``, at a comma within ``comma_padding_backtrack`` tokens of the limit and
         before an embedding that does not fit. Filling keeps every token at its real position.
         The filler is the end/padding id, which no concept's tokens contain, so token overlap is
@@ -299,7 +299,7 @@ class _Step:
 
 
 class WebUIRows:
-    """``row_tokens`` for :class:`~lib_spm.session.Session`: the tokens of each row of each UNet call.
+    """``row_tokens`` for :class:`~lib_spm.runtime.session.Session`: the tokens of each row of each UNet call.
 
     Call :meth:`on_cfg_denoiser` (the WebUI's ``on_cfg_denoiser`` callback) or :meth:`begin_step`
     before each denoiser step; pass :meth:`conditioning_of` to the session so each call's

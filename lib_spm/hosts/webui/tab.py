@@ -6,7 +6,7 @@ import contextlib
 from pathlib import Path
 
 from ...errors import SPMRuntimeError
-from ...gating import GateSettings
+from ...runtime.gating import GateSettings
 from ...ui.host import GateProbe
 from .extension import Extension
 from .model import model_arch, unet_of

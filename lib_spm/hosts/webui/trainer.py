@@ -1,4 +1,4 @@
-"""The trainer's :class:`~lib_spm.trainer.Backend` for the model loaded in AUTOMATIC1111 (v1.10.1).
+"""The trainer's :class:`~lib_spm.training.trainer.Backend` for the model loaded in AUTOMATIC1111 (v1.10.1).
 
 Duck-typed on ``sd_model`` (``shared.sd_model``); nothing from the WebUI is imported at module
 level. What it relies on, read from the WebUI's source:
@@ -29,8 +29,8 @@ import contextlib
 import torch
 
 from ...errors import SPMRuntimeError, SPMShapeError, SPMValueError
-from ...schedule import eps_from_v
-from ...trainer import Conditioning
+from ...training.schedule import eps_from_v
+from ...training.trainer import Conditioning
 from .gateway import forge, webui
 from .model import alphas_cumprod_of, compute_dtype_of, is_forge, model_kind, parameterization_of, unet_of
 from .rows import CHUNK
@@ -46,7 +46,7 @@ class _Prompts(list):
 
 
 class WebUIBackend:
-    """Fits :class:`~lib_spm.trainer.Backend`: trains on the WebUI's loaded model, unchanged.
+    """Fits :class:`~lib_spm.training.trainer.Backend`: trains on the WebUI's loaded model, unchanged.
 
     ``previews=False``: no ``decode`` (the job then makes no preview images)."""
 

@@ -1,7 +1,7 @@
 """A trainable SPM on a UNet: low-rank factors as parameters, applied by forward hooks.
 
-The training counterpart of :class:`~lib_spm.session.Session`: same layer math
-(:func:`~lib_spm.functional.lowrank_bypass`), same hook discipline (nothing stamped on modules,
+The training counterpart of :class:`~lib_spm.runtime.session.Session`: same layer math
+(:func:`~lib_spm.runtime.functional.lowrank_bypass`), same hook discipline (nothing stamped on modules,
 ``detach`` leaves no trace), plus an ``enabled`` switch so frozen predictions come from the
 same UNet with the adapter off — the base model is never copied.
 """
@@ -15,10 +15,10 @@ from functools import partial
 import torch
 import torch.nn as nn
 
-from . import functional
-from .metadata import SPMMetadata
-from .names import layer_kind, layer_names, spm_layer_paths
-from .spm_file import LayerWeights, SPMFile
+from ..format.metadata import SPMMetadata
+from ..format.names import layer_kind, layer_names, spm_layer_paths
+from ..format.spm_file import LayerWeights, SPMFile
+from ..runtime import functional
 
 
 class TrainableAdapter(nn.Module):

@@ -13,13 +13,13 @@ import time
 
 import torch
 
-from . import archs
-from .progress import Progress
-from .gating import GateSettings
-from .session import Session
-from .zoo import zoo_state_dict
-from .metadata import SPMMetadata
-from .spm_file import SPMFile, parse_state_dict
+from ..format import archs
+from ..format.metadata import SPMMetadata
+from ..format.spm_file import SPMFile, parse_state_dict
+from ..format.zoo import zoo_state_dict
+from ..progress import Progress
+from ..runtime.gating import GateSettings
+from ..runtime.session import Session
 
 
 class _SeededEncoder:

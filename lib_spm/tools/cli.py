@@ -9,8 +9,8 @@ import sys
 
 def inspect_info(path) -> dict:
     """What ``inspect --json`` prints: JSON-ready values only (strings, numbers, lists, dicts)."""
-    from .lora_check import webui_lora_check
-    from .spm_file import load_spm
+    from ..format.spm_file import load_spm
+    from ..operations.lora_check import webui_lora_check
 
     spm = load_spm(path)
     ok, why = webui_lora_check(spm)
@@ -96,8 +96,8 @@ def _bench_bake(args) -> int:
 
 
 def _bench_erasure(args) -> int:
-    from .errors import SPMValueError
-    from .world.bench_erasure import WITH_X2, main
+    from ..errors import SPMValueError
+    from ..world.bench_erasure import WITH_X2, main
 
     samplings = ("fresh", "pool") if args.sampling == "both" else (args.sampling,)
     gates = tuple(g.strip() for g in args.gates.split(","))
@@ -110,7 +110,7 @@ def _bench_erasure(args) -> int:
 
 
 def _bench_robustness(args) -> int:
-    from .world.bench_robustness import main
+    from ..world.bench_robustness import main
 
     main(args.json, n=args.n, quick=args.quick, seed=args.seed, work=args.work, packs=args.packs,
          soft_gates=args.soft_gates, gates=args.gates, budget_spec=args.budget, attacks=args.attacks)
@@ -126,14 +126,14 @@ def _bench_fuzz(args) -> int:
 
 
 def _bench_merge(args) -> int:
-    from .world.bench_merge import main
+    from ..world.bench_merge import main
 
     main(args.json, n=args.n, seed=args.seed)
     return 0
 
 
 def _world_train(args) -> int:
-    from .world.train_world import train_world
+    from ..world.train_world import train_world
 
     train_world(args.out, args.steps, batch=args.batch, lr=args.lr, resume=args.resume, threads=args.threads,
                 save_every=args.save_every, seed=args.seed)
@@ -141,15 +141,15 @@ def _world_train(args) -> int:
 
 
 def _world_classifier(args) -> int:
-    from .world.train_world import train_classifier
+    from ..world.train_world import train_classifier
 
     acc = train_classifier(args.out, steps=args.steps)
     return 0 if acc >= 0.99 else 1
 
 
 def _world_release(args) -> int:
-    from .world.model import WEIGHTS
-    from .world.train_world import release
+    from ..world.model import WEIGHTS
+    from ..world.train_world import release
 
     print(release(args.source, args.classifier, args.dst or WEIGHTS))
     return 0
@@ -158,8 +158,8 @@ def _world_release(args) -> int:
 def _world_eval(args) -> int:
     from pathlib import Path
 
-    from .world.model import WEIGHTS, load_world
-    from .world.pipeline import WorldPipeline, accuracy, eval_prompts
+    from ..world.model import WEIGHTS, load_world
+    from ..world.pipeline import WorldPipeline, accuracy, eval_prompts
 
     folder = Path(args.weights) if args.weights else WEIGHTS
     pipe = WorldPipeline(load_world(folder))
@@ -181,8 +181,8 @@ def _world_eval(args) -> int:
 
 def _weighted(specs: list[str]):
     """``path[:weight]`` per input; a path ending in .safetensors is whole (Windows drive colons)."""
-    from .spm_file import load_spm
-    from .values import name_weight
+    from ..format.spm_file import load_spm
+    from ..values import name_weight
 
     out = []
     for spec in specs:
@@ -192,7 +192,7 @@ def _weighted(specs: list[str]):
 
 
 def _merge(args) -> int:
-    from .merge import merge_compressed, merge_exact
+    from ..operations.merge import merge_compressed, merge_exact
 
     inputs = _weighted(args.inputs)
     name = args.name or __import__("pathlib").Path(args.out).stem
@@ -213,8 +213,8 @@ def _merge(args) -> int:
 
 
 def _extract(args) -> int:
-    from .merge import extract
-    from .spm_file import load_spm
+    from ..format.spm_file import load_spm
+    from ..operations.merge import extract
 
     extract(load_spm(args.pack), args.slice).save(args.out)
     print(args.out)
@@ -222,7 +222,7 @@ def _extract(args) -> int:
 
 
 def _bake(args) -> int:
-    from .merge import bake_diffusers_folder, bake_ldm_checkpoint
+    from ..operations.merge import bake_diffusers_folder, bake_ldm_checkpoint
 
     inputs = _weighted(args.inputs)
     if __import__("pathlib").Path(args.src).is_dir():
@@ -245,9 +245,9 @@ def _ui(args) -> int:
               ".venv-ui/bin/python -m lib_spm ui ...", file=sys.stderr)
         return 2
 
-    from .ui import gradio_compat
-    from .ui.local import LocalHost
-    from .ui.tab import build_tab
+    from ..ui import gradio_compat
+    from ..ui.local import LocalHost
+    from ..ui.tab import build_tab
 
     Path(args.spm_dir).mkdir(parents=True, exist_ok=True)
     host = LocalHost(args.spm_dir, checkpoint_dir=args.checkpoint_dir)
@@ -400,7 +400,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from .errors import SPMError
+    from ..errors import SPMError
 
     args = build_parser().parse_args(argv)
     try:

@@ -25,9 +25,9 @@ from typing import Callable, Iterator
 import torch
 from safetensors.torch import save as st_save
 
-from .errors import SPMError
-from .metadata import SPMMetadata, Slice
-from .safetensors_io import serialize
+from ..errors import SPMError
+from ..format.metadata import Slice, SPMMetadata
+from ..format.safetensors_io import serialize
 
 # -- seeds: small valid files in every dialect, dtype and metadata flavour ------------------------
 
@@ -367,8 +367,8 @@ def outcome(path: Path, inspect: bool = True) -> str:
 
     ``inspect=False`` skips the costly part of ``inspect``'s check (the WebUI-compatibility walk of
     a full-size reference UNet) for speed; the JSON it prints is still checked."""
+    from ..format.spm_file import load_spm
     from .cli import inspect_info
-    from .spm_file import load_spm
 
     try:
         spm = load_spm(path)
@@ -386,7 +386,7 @@ def check_valid(spm, path: Path, inspect_info=None) -> str | None:
     """A file that loaded must be usable: its hash is its bytes', values fit, inspect gives strict JSON."""
     import hashlib
 
-    from .spm_file import FP16_MAX
+    from ..format.spm_file import FP16_MAX
 
     if spm.sha256 != hashlib.sha256(path.read_bytes()).hexdigest():
         return "sha256 is not the file's"

@@ -36,11 +36,11 @@ from datetime import datetime
 from pathlib import Path
 from typing import Sequence
 
-from .errors import ArchitectureMismatch, SPMError, SPMFolderError, SPMKeyError, SPMNameError, SPMValueError
-from .metadata import SPMMetadata
+from ..errors import ArchitectureMismatch, SPMError, SPMFolderError, SPMKeyError, SPMNameError, SPMValueError
+from ..format.metadata import SPMMetadata
+from ..format.safetensors_io import read_file, read_header, write_file
+from ..format.spm_file import SPMFile, file_sha256, load_spm, validate
 from . import tempfiles
-from .safetensors_io import read_file, read_header, write_file
-from .spm_file import SPMFile, file_sha256, load_spm, validate
 
 SUFFIX = ".safetensors"
 CHECKPOINT_SUFFIX = ".ckpt" + SUFFIX
@@ -55,7 +55,7 @@ MAX_DESCRIPTION = 10_000
 # One file name on ext4, btrfs, XFS, APFS and NTFS (NTFS counts UTF-16 units, never more than UTF-8 bytes).
 NAME_MAX_BYTES = 255
 # Each file a name makes gets a hidden temporary next to it while it is written atomically
-# (lib_spm/tempfiles.py: ".<file>.<pid>-<random>.spm-tmp").
+# (lib_spm/operations/tempfiles.py: ".<file>.<pid>-<random>.spm-tmp").
 TEMP_RESERVE = tempfiles.EXTRA_NAME_BYTES
 _DERIVED_BYTES = max(len(s.encode()) for s in (SUFFIX, *SIDECARS)) + TEMP_RESERVE  # 17 + 29
 _FORBIDDEN = set('\\:<>|"?*')

@@ -8,8 +8,8 @@ column and row. Each adapted layer has a forward hook that adds
 
 for all SPMs on that layer in one stacked low-rank product. Weights are never edited and no
 attribute is set on any module, so :meth:`Session.detach` restores bit-identical outputs.
-Which layers an SPM adapts is :func:`~lib_spm.placement.placement`'s answer; the gates ``g``
-come from a :class:`~lib_spm.gating.ConceptGate`.
+Which layers an SPM adapts is :func:`~lib_spm.runtime.placement.placement`'s answer; the gates ``g``
+come from a :class:`~lib_spm.runtime.gating.ConceptGate`.
 
 Where rows come from (the WebUI's cond..., uncond order, diffusers' uncond, cond order, the
 text of each row's prompt) is the host's business: it passes ``conditioning_of`` and
@@ -25,12 +25,12 @@ from typing import Callable, Sequence
 import torch
 import torch.nn as nn
 
+from ..errors import SPMRuntimeError, SPMValueError
+from ..format.names import factor_dtype, layer_names
+from ..format.spm_file import LayerWeights, SPMFile
 from . import functional
-from .errors import SPMRuntimeError, SPMValueError
 from .gating import ConceptEncoder, ConceptGate, GateSettings, RowTokens
-from .names import factor_dtype, layer_names
 from .placement import fit, placement
-from .spm_file import LayerWeights, SPMFile
 
 
 def default_conditioning(args: tuple, kwargs: dict) -> torch.Tensor:

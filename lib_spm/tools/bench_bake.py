@@ -23,8 +23,8 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint_io import DTYPE_NAMES, Planned, write_stream, write_tensor
-from .errors import SPMValueError
+from ..errors import SPMValueError
+from ..format.checkpoint_io import DTYPE_NAMES, Planned, write_stream, write_tensor
 
 FIXTURES = Path(__file__).resolve().parents[1] / "tests" / "fixtures"
 _FIXTURE = {"sd1": "ldm_unet_modules_sd15.json", "sdxl": "ldm_unet_modules_sdxl.json"}
@@ -158,11 +158,11 @@ def write_checkpoint(path: Path, spec: Spec, dtype: torch.dtype, seed: int = 0) 
 
 def write_spm(path: Path, arch: str, layer_keys: set[str] | None = None, rank: int = 4, seed: int = 1) -> Path:
     """A random SPM over every adapted layer of ``arch`` (or those whose LDM weight is in ``layer_keys``)."""
-    from . import archs
-    from .metadata import SPMMetadata
-    from .names import layer_names
-    from .spm_file import SPMFile, parse_state_dict
-    from .zoo import zoo_state_dict
+    from ..format import archs
+    from ..format.metadata import SPMMetadata
+    from ..format.names import layer_names
+    from ..format.spm_file import SPMFile, parse_state_dict
+    from ..format.zoo import zoo_state_dict
 
     ref = archs.reference_unet(arch)
     layers = parse_state_dict(zoo_state_dict(ref, rank=rank, seed=seed, std=0.05))
@@ -178,8 +178,8 @@ import json, resource, sys, time
 code, src, dst, spm_path, arch = sys.argv[1:6]
 sys.path.insert(0, code)
 import torch
-from lib_spm.merge import bake_ldm_checkpoint
-from lib_spm.spm_file import load_spm
+from ..operations.merge import bake_ldm_checkpoint
+from ..format.spm_file import load_spm
 spm = load_spm(spm_path)
 scale = 1024 if sys.platform != "darwin" else 1
 try:  # RSS now (Linux); the high-water mark elsewhere

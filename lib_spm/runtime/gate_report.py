@@ -23,10 +23,10 @@ from typing import TYPE_CHECKING, Protocol, Sequence
 import torch
 import torch.nn as nn
 
-from .errors import ArchitectureMismatch, SPMKeyError, SPMShapeError, SPMValueError, UnresolvedKeysError
+from ..errors import ArchitectureMismatch, SPMKeyError, SPMShapeError, SPMValueError, UnresolvedKeysError
+from ..format.spm_file import SPMFile
 from .gating import GateSettings
 from .session import Session
-from .spm_file import SPMFile
 
 if TYPE_CHECKING:  # gating may move out of session.py; only Session and GateSettings are promised there
     from .gating import ConceptEncoder

@@ -14,7 +14,7 @@ from typing import NamedTuple
 
 import torch
 
-from .errors import SPMKeyError, SPMShapeError
+from ..errors import SPMKeyError, SPMShapeError
 
 CONTEXT_DIM = {"sd1": 768, "sd2": 1024, "sdxl": 2048}
 

@@ -23,12 +23,11 @@ from typing import Sequence
 
 import torch
 
-from .errors import ArchitectureMismatch, SPMError, SPMShapeError, SPMValueError
-from .metadata import SPMMetadata, Slice
+from ..errors import ArchitectureMismatch, SPMError, SPMShapeError, SPMValueError
+from ..format.checkpoint_io import FLOAT_DTYPES, Checkpoint, Entry, Planned, all_finite, write_stream, write_tensor
+from ..format.metadata import Slice, SPMMetadata
+from ..format.spm_file import LayerWeights, SPMFile
 from . import tempfiles
-from .checkpoint_io import FLOAT_DTYPES, Checkpoint, Entry, Planned, all_finite, write_stream, write_tensor
-from .spm_file import LayerWeights, SPMFile
-
 
 # -- canonical keys ----------------------------------------------------------------------------
 
@@ -40,8 +39,8 @@ def _canonical_keys(spms: Sequence[SPMFile], arch: str | None) -> list[dict[str,
         return [{k: k for k in s.layers} for s in spms]
     if arch is None:
         raise SPMShapeError("inputs use LDM-style key names and their architecture is unknown; cannot align them")
-    from . import archs
-    from .names import resolve, layer_names
+    from ..format import archs
+    from ..format.names import layer_names, resolve
 
     ref = archs.reference_unet(arch)
     names = layer_names(ref)
@@ -303,8 +302,8 @@ def bake_ldm_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, inputs: 
     arch = arch or pack.arch
     if arch is None:
         raise SPMValueError("architecture unknown: pass arch= to bake")
-    from . import archs
-    from .names import layer_names
+    from ..format import archs
+    from ..format.names import layer_names
 
     ref_names = {n.key: n for n in layer_names(archs.reference_unet(arch)).values()}
     with Checkpoint(src) as ckpt:

@@ -1,7 +1,7 @@
 """``python -m lib_spm bench train-memory``: peak memory of SPM training on a full-size UNet.
 
 Builds the architecture's reference UNet with random weights (memory does not depend on their
-values), trains a few iterations with the real trainer (:func:`~lib_spm.trainer.train_spm`
+values), trains a few iterations with the real trainer (:func:`~lib_spm.training.trainer.train_spm`
 through :class:`~lib_spm.hosts.diffusers.DiffusersBackend`) on seeded random conditioning, and reports
 the peak: ``ru_maxrss`` of a fresh child process (so the figure is that run's alone) and, where
 a GPU exists, ``torch.cuda.max_memory_allocated``. ``plain`` turns the memory savers off
@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from .errors import SPMValueError
+from ..errors import SPMValueError
 
 DEFAULT_RESOLUTION = {"sd1": 512, "sd2": 512, "sdxl": 1024}
 
@@ -43,7 +43,7 @@ def _rss_mib() -> float:
 
 
 def _encoder(arch: str, width: int, resolution: int, device, dtype):
-    from .trainer import Conditioning
+    from ..training.trainer import Conditioning
 
     def encode(prompts: list[str]) -> Conditioning:
         g = torch.Generator().manual_seed(zlib.crc32("\n".join(prompts).encode()))
@@ -63,11 +63,11 @@ def measure(arch: str, resolution: int, iterations: int, max_denoising_steps: in
     """Run in this process (the CLI runs it in a fresh child): build, train, report peaks."""
     from diffusers import UNet2DConditionModel
 
-    from . import archs
-    from .hosts.diffusers import DiffusersBackend
-    from .progress import Progress
-    from .train_config import TrainConfig
-    from .trainer import train_spm
+    from ..format import archs
+    from ..hosts.diffusers import DiffusersBackend
+    from ..progress import Progress
+    from ..training.train_config import TrainConfig
+    from ..training.trainer import train_spm
 
     t0 = time.time()
     torch.manual_seed(0)
@@ -114,7 +114,7 @@ def run_fresh(arch: str, resolution: int, iterations: int, max_denoising_steps: 
               plain: bool) -> dict:
     """:func:`measure` in a new Python process, so its peak RSS is this run's alone."""
     args = json.dumps([arch, resolution, iterations, max_denoising_steps, anchors, plain])
-    proc = subprocess.run([sys.executable, "-m", "lib_spm.bench_memory", args], stdout=subprocess.PIPE, text=True)
+    proc = subprocess.run([sys.executable, "-m", "lib_spm.tools.bench_memory", args], stdout=subprocess.PIPE, text=True)
     if proc.returncode != 0:
         raise RuntimeError(f"the measuring process failed (exit {proc.returncode}); see its output above")
     return json.loads(proc.stdout.strip().splitlines()[-1])

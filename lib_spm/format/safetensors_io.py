@@ -20,8 +20,9 @@ from typing import BinaryIO, Iterator
 
 import torch
 
-from . import strict_json, tempfiles
-from .errors import SPMFormatError, SPMValueError
+from ..errors import SPMFormatError, SPMValueError
+from ..operations import tempfiles
+from . import strict_json
 from .strict_json import show
 
 # An SPM header is a few hundred KiB even for an SDXL pack of many concepts.

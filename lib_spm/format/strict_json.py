@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import math
 
-from .errors import SPMFormatError
+from ..errors import SPMFormatError
 
 MAX_DEPTH = 32  # a safetensors header is 3 deep, our metadata values at most 4
 MAX_DIGITS = 24  # 2**64 has 20 digits: every honest offset, shape or rank fits

@@ -12,8 +12,8 @@ import math
 import re
 from dataclasses import dataclass, field
 
+from ..errors import SPMFormatError, SPMValueError
 from . import strict_json
-from .errors import SPMFormatError, SPMValueError
 
 FORMAT_VERSION = 1
 

@@ -23,10 +23,10 @@ from typing import Callable, Protocol
 import torch
 import torch.nn.functional as F
 
+from ..errors import SPMValueError
+from ..format.metadata import SPMMetadata
+from ..format.safetensors_io import read_file, write_file
 from .adapter import TrainableAdapter
-from .errors import SPMValueError
-from .metadata import SPMMetadata
-from .safetensors_io import read_file, write_file
 from .schedule import ddim_step, leading_timesteps
 from .train_config import (
     TrainConfig,

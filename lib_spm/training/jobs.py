@@ -21,7 +21,7 @@ from typing import Callable, ContextManager, Sequence
 import numpy as np
 import torch
 
-from .errors import SPMError, SPMRuntimeError
+from ..errors import SPMError, SPMRuntimeError
 from .schedule import ddim_step, leading_timesteps
 from .train_config import TrainConfig, checkpoint_path
 from .trainer import Backend, Conditioning, Trainer, TrainStatus, train_spm

@@ -13,10 +13,10 @@ from typing import Mapping
 import torch
 import torch.nn as nn
 
-from . import archs
-from .errors import ArchitectureMismatch, SPMError, SPMKeyError, UnresolvedKeysError
-from .names import LayerName, layer_kind, layer_names, resolve
-from .spm_file import LayerWeights, SPMFile
+from ..errors import ArchitectureMismatch, SPMError, SPMKeyError, UnresolvedKeysError
+from ..format import archs
+from ..format.names import LayerName, layer_kind, layer_names, resolve
+from ..format.spm_file import LayerWeights, SPMFile
 
 
 @dataclass(frozen=True)

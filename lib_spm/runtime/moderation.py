@@ -21,10 +21,10 @@ from typing import Iterable
 
 import torch.nn as nn
 
-from .errors import SPMError, SPMValueError
-from .names import layer_names, resolve
-from .spm_file import LayerWeights, SPMFile
-from .values import parse_name_weights
+from ..errors import SPMError, SPMValueError
+from ..format.names import layer_names, resolve
+from ..format.spm_file import LayerWeights, SPMFile
+from ..values import parse_name_weights
 
 # A user SPM that undoes more than this share of an enforced SPM's weight change is refused.
 # Unrelated SPMs are near-orthogonal in weight space (|opposition| ~ 1e-3 for random rank-1

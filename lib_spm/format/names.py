@@ -21,8 +21,8 @@ from typing import Iterator
 import torch
 import torch.nn as nn
 
+from ..errors import SPMKeyError, UnresolvedKeysError
 from .archs import unet_layout
-from .errors import SPMKeyError, UnresolvedKeysError
 
 # diffusers ResnetBlock2D child -> LDM ResBlock child
 _RESNET_SUFFIX = {

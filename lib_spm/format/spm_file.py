@@ -3,7 +3,7 @@
 Accepted key dialects (normalised inside the reader, as the built-in Lora's factories do):
 ``<stem>.lora_down.weight`` / ``.lora_up.weight`` / ``.alpha`` (kohya, the original trainer) and
 ``<stem>.lora_A.weight`` / ``.lora_B.weight`` (peft). ``<stem>`` is a UNet key in any dialect
-of :mod:`lib_spm.names`. Nothing else is accepted: an SPM adapts the UNet only.
+of :mod:`lib_spm.format.names`. Nothing else is accepted: an SPM adapts the UNet only.
 """
 
 from __future__ import annotations
@@ -16,9 +16,9 @@ from pathlib import Path
 
 import torch
 
+from ..errors import ArchitectureMismatch, SPMKeyError, SPMShapeError, SPMValueError
 from . import archs
-from .errors import ArchitectureMismatch, SPMKeyError, SPMShapeError, SPMValueError
-from .metadata import SPMMetadata, Slice
+from .metadata import Slice, SPMMetadata
 from .safetensors_io import Header, check_finite, open_checked, read_tensors, write_file
 from .strict_json import show
 

@@ -6,10 +6,10 @@ from __future__ import annotations
 
 from functools import lru_cache
 
-from . import archs
-from .errors import ArchitectureMismatch
-from .placement import placement
-from .spm_file import SPMFile
+from ..errors import ArchitectureMismatch
+from ..format import archs
+from ..format.spm_file import SPMFile
+from ..runtime.placement import placement
 
 
 @lru_cache(maxsize=3)

@@ -21,8 +21,8 @@ from typing import BinaryIO, Callable, Iterable
 
 import torch
 
-from . import tempfiles
-from .errors import SPMFormatError
+from ..errors import SPMFormatError
+from ..operations import tempfiles
 
 MAX_HEADER_BYTES = 100_000_000  # the safetensors library's own limit
 _COPY_CHUNK = 8 << 20

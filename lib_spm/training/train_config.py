@@ -1,6 +1,6 @@
 """What a training run is asked to do, and the checkpoint file that remembers it.
 
-Kept apart from the training loop (:mod:`lib_spm.trainer`) so that a UI can check a request,
+Kept apart from the training loop (:mod:`lib_spm.training.trainer`) so that a UI can check a request,
 list checkpoints and read their settings without importing the loop. :class:`TrainConfig`
 checks its own fields, once: hosts convert what the user typed into numbers and report the
 config's :class:`~lib_spm.errors.SPMValueError`.
@@ -17,9 +17,9 @@ import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from .errors import SPMValueError
-from .safetensors_io import read_header
-from .values import number, whole
+from ..errors import SPMValueError
+from ..format.safetensors_io import read_header
+from ..values import number, whole
 
 CHECKPOINT_FORMAT = "sd-webui-spm-train-checkpoint/1"
 # How x_t is made: "fresh" denoises new noise with the adapter on every iteration; "pool" draws
@@ -93,7 +93,7 @@ class TrainConfig:
 # -- checkpoints -----------------------------------------------------------------------------------
 
 def checkpoint_path(out_path: str | Path) -> Path:
-    """Where :func:`~lib_spm.trainer.train_spm` keeps the checkpoint of the SPM it writes to ``out_path``."""
+    """Where :func:`~lib_spm.training.trainer.train_spm` keeps the checkpoint of the SPM it writes to ``out_path``."""
     out_path = Path(out_path)
     return out_path.with_name(out_path.stem + ".ckpt.safetensors")
 

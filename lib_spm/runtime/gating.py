@@ -12,8 +12,8 @@ from typing import Protocol, Sequence
 
 import torch
 
+from ..errors import SPMRuntimeError, SPMShapeError, SPMValueError
 from . import functional
-from .errors import SPMRuntimeError, SPMShapeError, SPMValueError
 
 RowTokens = Sequence["tuple[int, ...] | None"]  # a row's prompt tokens in order, specials excluded
 

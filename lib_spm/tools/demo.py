@@ -14,17 +14,17 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .errors import SPMValueError
+from ..errors import SPMValueError
 
 
 def run_demo(out_dir: str | Path, concept: str = "circle", *, n: int = 8, iterations: int | None = None,
              seed: int = 0) -> dict:
-    from .world import data
-    from .world.bench_erasure import GATES
-    from .world.erasure import WORLD_RECIPE, measure, other_prompts, target_prompts, train_concept
-    from .world.model import load_world
-    from .world.pipeline import WorldPipeline
-    from .progress import Progress
+    from ..progress import Progress
+    from ..world import data
+    from ..world.bench_erasure import GATES
+    from ..world.erasure import WORLD_RECIPE, measure, other_prompts, target_prompts, train_concept
+    from ..world.model import load_world
+    from ..world.pipeline import WorldPipeline
 
     if concept not in data.SHAPES:
         raise SPMValueError(f"the shapes world knows {', '.join(data.SHAPES)}; not {concept!r}")
@@ -68,12 +68,12 @@ def run_demo(out_dir: str | Path, concept: str = "circle", *, n: int = 8, iterat
 def _save_grid(path: Path, pipe, spm, concept: str, per_row: int = 6) -> None:
     from PIL import Image
 
-    from .world import data
+    from ..world import data
 
     colours = data.COLOUR_NAMES[:per_row]
     targets = [f"a {c} {concept}" for c in colours]
     others = [f"a {c} {s}" for c, s in zip(colours, [s for s in data.SHAPES if s != concept] * 2)]
-    from .world.bench_erasure import GATES
+    from ..world.bench_erasure import GATES
 
     rows = []
     for prompts in (targets, others):

@@ -18,10 +18,10 @@ Each number says where it comes from. Sources:
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass, field
 from collections.abc import Mapping
+from dataclasses import dataclass, field
 
-from .errors import SPMValueError
+from ..errors import SPMValueError
 from .train_config import TrainConfig
 
 

@@ -1,0 +1,1 @@
+"""Applying SPMs to a UNet: the session (hooks), gating (Facilitated Transport), the low-rank math, moderation policy, gate reports."""

@@ -1,0 +1,1 @@
+"""Command line, benchmarks, fuzzing, the demo and the offline CLIP vocabulary."""
