@@ -26,7 +26,7 @@ import torch
 from ..errors import SPMValueError
 from ..format.checkpoint_io import DTYPE_NAMES, Planned, write_stream, write_tensor
 
-FIXTURES = Path(__file__).resolve().parents[1] / "tests" / "fixtures"
+FIXTURES = Path(__file__).resolve().parents[2] / "tests" / "fixtures"
 _FIXTURE = {"sd1": "ldm_unet_modules_sd15.json", "sdxl": "ldm_unet_modules_sdxl.json"}
 _SCHEDULE = ("betas", "alphas_cumprod", "alphas_cumprod_prev", "sqrt_alphas_cumprod",
              "sqrt_one_minus_alphas_cumprod", "log_one_minus_alphas_cumprod", "sqrt_recip_alphas_cumprod",
@@ -178,8 +178,12 @@ import json, resource, sys, time
 code, src, dst, spm_path, arch = sys.argv[1:6]
 sys.path.insert(0, code)
 import torch
-from ..operations.merge import bake_ldm_checkpoint
-from ..format.spm_file import load_spm
+try:
+    from lib_spm.format.spm_file import load_spm
+    from lib_spm.operations.merge import bake_ldm_checkpoint
+except ImportError:  # an older checkout (--code): the core was flat then
+    from lib_spm.merge import bake_ldm_checkpoint
+    from lib_spm.spm_file import load_spm
 spm = load_spm(spm_path)
 scale = 1024 if sys.platform != "darwin" else 1
 try:  # RSS now (Linux); the high-water mark elsewhere
@@ -197,7 +201,7 @@ print(json.dumps({"baseline_rss": before, "peak_rss": peak, "seconds": seconds, 
 
 def bake_peak_rss(src: Path, dst: Path, spm: Path, arch: str, code: Path | None = None) -> dict:
     """Bake in a fresh process; its peak RSS, and its RSS before baking (torch, the SPM loaded)."""
-    code = code or Path(__file__).resolve().parents[1]
+    code = code or Path(__file__).resolve().parents[2]
     proc = subprocess.run([sys.executable, "-c", _CHILD, str(code), str(src), str(dst), str(spm), arch],
                           capture_output=True, text=True, cwd=str(dst.parent))
     if proc.returncode != 0:
