@@ -370,3 +370,17 @@ def test_training_runs_on_forges_loaded_model_and_leaves_it_as_it_was(tmp_path, 
     assert len(spm.layers) == len(spm_layer_paths(unet))  # Forge's Linear layers were trained too
     assert all(torch.equal(before[k], t) for k, t in unet.state_dict().items())
     assert hook_counts(unet) == sum(n.endswith(".norm1") for n, _ in unet.named_modules())  # the stand-in's own
+
+
+def test_the_test_panels_gate_route_scores_prompts_through_forges_text_engine(forge):
+    """POST /spm/v1/gates in Forge: prompts tokenized by Forge's engine (it has no cond_stage_model)."""
+    w = _load(forge)
+    _api(w, forge, args(enabled=False), ["a red circle"], first=True)  # Forge loads its model here
+    routes = {}
+    app = SimpleNamespace(add_api_route=lambda path, fn, **kw: routes.setdefault(path, (fn, kw)))
+    w.modules.script_callbacks.fire("app_started", None, app)
+    post = routes["/spm/v1/gates"][0]
+    out = post({"prompts": ["a red circle", "a blue star AND a red circle"], "spms": ["circle"]})
+    gates = {(g["prompt"], g["part"]): g["gate"] for g in out["gates"]}
+    assert gates[(0, 0)] > 0.9 and gates[(1, 0)] < gates[(0, 0)] and gates[(1, 1)] > 0.9, out
+    w.mod.ext().shutdown()

@@ -105,12 +105,12 @@ class WebUIHost:
     def gate_probe(self):
         """The loaded model under the WebUI's queue lock, so the report's hooks never meet a generation."""
         from .probe import NOTE, WebUIPromptRows
-        from .rows import PromptTokens, WebUIConcepts
+        from .rows import WebUIConcepts, tokens_for
 
         module = self.ext.webui.module
         with module("call_queue").queue_lock:
             sd_model = self._model()
-            tokens = PromptTokens(sd_model)
+            tokens = tokens_for(sd_model)  # the WebUI's tokenizer, or Forge's text engine
             rows = WebUIPromptRows(sd_model, tokens, module("prompt_parser"), module("extra_networks"),
                                    module("devices").autocast)
             yield GateProbe(unet_of(sd_model), WebUIConcepts(sd_model, tokens=tokens), rows, NOTE)
