@@ -218,6 +218,24 @@ def test_an_spm_acts_on_its_concept_and_the_infotext_says_exactly_what_acted(ser
     assert "xl: it is for" in params["SPM skipped"] and "nothere: no such SPM file" in params["SPM skipped"]
 
 
+
+@needs_model
+def test_each_row_of_a_batch_is_gated_by_its_own_prompt(servers):
+    """One batch, two prompts: the WebUI's prompt matrix script puts "a photo of a cat" and "a photo
+    of a cat, snoopy" in one batch at one seed. The SPM must change only the row naming snoopy."""
+    s = servers()
+    matrix = {"prompt": "a photo of a cat|snoopy", "batch_size": 2, "script_name": "prompt matrix",
+              "script_args": [False, False, "positive", "comma", 0]}
+
+    def rows(a):
+        status, out = s.txt2img(args=a, **matrix)
+        assert status == 200 and len(out["images"]) == 3, (_errors(out), s.log())  # the grid, then each row
+        return [pixels({"images": [im]}) for im in out["images"][1:]]
+
+    bare, on = rows(args(enabled=False)), rows(args(("snoopy", 1.0)))
+    assert diff(on[0], bare[0]) == 0.0  # "a photo of a cat": gated off, pixel-identical
+    assert diff(on[1], bare[1]) > 0.5  # "a photo of a cat, snoopy": the SPM acts
+
 BAD = [
     (args(("does_not_exist", 1.0)), "no SPM named 'does_not_exist'"),
     (args(("../snoopy", 1.0)), "'..' part"),
