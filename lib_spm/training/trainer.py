@@ -200,23 +200,23 @@ class Trainer:
         prompts = torch.randint(len(self._prompts), (trajectories,), generator=g)
         x = torch.randn(trajectories, *self.backend.latent_shape, generator=g).to(self.device)
         uncond = self._cond("")
-        xs, eus, ecs = [], [], []
+        xs, eus = [], []
         for s in range(0, trajectories, self._pool_chunk()):
             conds = [self._cond(self._prompts[int(p)][1].format(self._prompts[int(p)][0])) for p in prompts[s : s + self._pool_chunk()]]
             with torch.no_grad(), self._amp():
-                xc, eu, ec = self._trajectory(x[s : s + len(conds)], Conditioning.cat(conds), uncond)
-            xs.append(xc), eus.append(eu), ecs.append(ec)
-        self.pool = {"x": torch.cat(xs), "eps_u": torch.cat(eus), "eps_c": torch.cat(ecs), "prompt": prompts,
+                xc, eu = self._trajectory(x[s : s + len(conds)], Conditioning.cat(conds), uncond)
+            xs.append(xc), eus.append(eu)
+        self.pool = {"x": torch.cat(xs), "eps_u": torch.cat(eus), "prompt": prompts,
                      "order": torch.randperm(trajectories * (n - 1), generator=g)}
         self.pool_state = {"refills": r + 1, "pos": 0, "trajectories": trajectories}
         return 2 * trajectories * n
 
     def _trajectory(self, x: torch.Tensor, cond: Conditioning, uncond: Conditioning):
         """Full CFG DDIM trajectories as the SPM samples at use: the target rows through the current
-        adapter, the unconditional rows frozen (a calibrated gate gives "" gate 0). Returns x_i,
-        frozen eps_uncond(x_i), adapted eps_cond(x_i) for i in [0, S-1], each [b, S, ...]."""
+        adapter, the unconditional rows frozen (a calibrated gate gives "" gate 0). Returns x_i and
+        frozen eps_uncond(x_i) for i in [0, S-1], each [b, S, ...] (what iterations reuse)."""
         uncond = uncond.repeat(len(x))
-        xs, eus, ecs = [], [], []
+        xs, eus = [], []
         n = self.cfg.max_denoising_steps
         for i in range(n):
             t = self.timesteps[i].repeat(len(x)).to(self.device)
@@ -224,11 +224,11 @@ class Trainer:
                 eps_u = self.backend.predict_eps(x, t, uncond).float()
             eps_c = self.backend.predict_eps(x, t, cond).float()
             t = self.timesteps[i]
-            xs.append(x), eus.append(eps_u), ecs.append(eps_c)
+            xs.append(x), eus.append(eps_u)
             if i + 1 < n:
                 eps = eps_u + self.cfg.denoise_cfg * (eps_c - eps_u)
                 x = ddim_step(x, eps, self.acp[t], self.acp[self.timesteps[i + 1]]).float()
-        return torch.stack(xs, 1), torch.stack(eus, 1), torch.stack(ecs, 1)
+        return torch.stack(xs, 1), torch.stack(eus, 1)
 
     def _pool_draw(self) -> tuple[int, int, int, int]:
         """One tuple: (trajectory, step index in [1, S-1], prompt index, passes spent refilling)."""
@@ -242,14 +242,14 @@ class Trainer:
         return traj, i + 1, int(self.pool["prompt"][traj]), spent
 
     def pool_tuples(self, count: int):
-        """Draw ``count`` pool tuples: x [count, ...], timesteps, frozen eps_uncond, adapted eps_target (as
-        it was at the refill), prompt indices, passes spent refilling."""
+        """Draw ``count`` pool tuples: x [count, ...], timesteps, frozen eps_uncond, prompt indices,
+        passes spent refilling."""
         drawn = [self._pool_draw() for _ in range(count)]
         tr = torch.tensor([d[0] for d in drawn])
         ix = torch.tensor([d[1] for d in drawn])
         p = self.pool
-        return (p["x"][tr, ix], self.timesteps[ix].to(self.device), p["eps_u"][tr, ix], p["eps_c"][tr, ix],
-                [d[2] for d in drawn], sum(d[3] for d in drawn))
+        return (p["x"][tr, ix], self.timesteps[ix].to(self.device), p["eps_u"][tr, ix], [d[2] for d in drawn],
+                sum(d[3] for d in drawn))
 
     # -- one iteration --------------------------------------------------------------------------
     def iteration(self) -> TrainStatus:
@@ -278,7 +278,7 @@ class Trainer:
 
     def _pool_iteration(self) -> TrainStatus:
         cfg, t0, B = self.cfg, time.time(), self.cfg.batch
-        x, t, eps_u, _, picks, spent = self.pool_tuples(B)
+        x, t, eps_u, picks, spent = self.pool_tuples(B)
         c_t = Conditioning.cat([self._cond(self._prompts[p][1].format(self._prompts[p][0])) for p in picks])
         surrogates = [self._surrogate_prompt(p) for p in picks]
         k = cfg.anchors if cfg.la_strength > 0 else 0
@@ -373,7 +373,7 @@ class Trainer:
             st = json.loads(md["pool"])
             self.pool_state = {k: int(st[k]) for k in ("refills", "pos", "trajectories")}
         if "pool.x" in tensors:
-            self.pool = {k: tensors[f"pool.{k}"].to(self.device) for k in ("x", "eps_u", "eps_c")}
+            self.pool = {k: tensors[f"pool.{k}"].to(self.device) for k in ("x", "eps_u")}
             self.pool.update({k: tensors[f"pool.{k}"].long() for k in ("prompt", "order")})
 
 
