@@ -412,3 +412,66 @@ def test_a_whole_gated_unet_call_runs_where_values_cannot_be_read(case, metric):
         out = out.sample if hasattr(out, "sample") else out
         assert s.last_gates.device.type == "meta" and s.last_gates.shape == (B, 1)
     assert out.device.type == "meta" and out.shape == shape
+
+
+def _counting_in_place(monkeypatch) -> list:
+    from lib_spm.runtime import functional
+
+    calls, real = [], functional.add_lowrank_bypass_
+    monkeypatch.setattr(functional, "add_lowrank_bypass_", lambda *a: calls.append(1) or real(*a))
+    return calls
+
+
+@pytest.mark.parametrize("other", ["none", "hook ahead of ours", "global hook", "grad"])
+def test_in_place_add_only_into_outputs_nobody_else_has_seen(case, world, monkeypatch, other):
+    """The runtime adds into a Linear layer's output in place (one fused product) only when no other
+    hook has seen that output; otherwise it adds out of place. Both give the same numbers, and a
+    tensor another hook kept is never changed."""
+    model, x, t, ctx, enc, a, b, base = world
+    with Session(model, [(a, 0.8), (b, 1.0)], encoder=enc):
+        ref = case.run(model, x, t, ctx)  # the plain run: in place where it may
+    calls = _counting_in_place(monkeypatch)
+    kept, handles = [], []
+    with Session(model, [(a, 0.8), (b, 1.0)], encoder=enc) as s:
+        if other == "hook ahead of ours":
+            for p in s.layer_paths:
+                handles.append(model.get_submodule(p).register_forward_hook(
+                    lambda m, i, o: kept.append((o, o.clone())) and None, prepend=True))
+        elif other == "global hook":
+            handles.append(nn.modules.module.register_module_forward_hook(lambda m, i, o: None))
+        try:
+            if other == "grad":
+                kw = {k: v for k, v in case.extra(x.shape[0]).items()}
+                out = model(x, t, ctx, **kw)
+                out = out.sample if hasattr(out, "sample") else out
+                out.sum().backward()  # autograd is intact: nothing it saved was changed under it
+                model.zero_grad(set_to_none=True)
+                out = out.detach()
+            else:
+                out = case.run(model, x, t, ctx)
+        finally:
+            for h in handles:
+                h.remove()
+    assert _close(out, ref)
+    linear_layers = any(isinstance(model.get_submodule(p), nn.Linear) for p in placement(a, model).paths.values())
+    if other == "none":
+        assert (len(calls) > 0) == linear_layers
+    else:
+        assert calls == []
+    assert kept == [] or all(torch.equal(o, c) for o, c in kept)
+    assert len(kept) > 0 or other != "hook ahead of ours"
+
+
+def test_bench_runtime_times_sessions_whose_gates_are_open():
+    """`bench runtime` must time the SPMs' work, not a closed gate skipping it: every gate is open
+    in every configuration, and the out-of-place configuration is the same SPMs."""
+    from lib_spm.tools.bench import bench_runtime
+
+    cfg = dict(sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(8, 16),
+               norm_num_groups=4, down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+               up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=CTX, attention_head_dim=2)
+    r = bench_runtime("sd1", latent=8, batch=2, rounds=2, counts=(1, 3), config=cfg)
+    assert set(r["median_seconds"]) == {"0", "1", "3", "3 out of place"}
+    assert r["gate_min"] == {"1": 1.0, "3": 1.0, "3 out of place": 1.0}
+    assert all(v > 0 for v in r["paired_ratio"].values())
+    assert set(r["in_call_ratio"]) == {"1", "3", "3 out of place"} and all(v > 1 for v in r["in_call_ratio"].values())

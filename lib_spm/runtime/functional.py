@@ -179,3 +179,26 @@ def lowrank_bypass(
     h = F.conv2d(x, down, None, **conv)
     h = h * coef.reshape(B, -1, 1, 1)
     return F.conv2d(h, up)
+
+
+def add_lowrank_bypass_(
+    output: torch.Tensor,
+    x: torch.Tensor,
+    down: torch.Tensor,
+    up: torch.Tensor,
+    coef: torch.Tensor,
+) -> torch.Tensor:
+    """``output += lowrank_bypass(x, down, up, coef)`` for a Linear layer, in one fused product.
+
+    The out-of-place sum streams two output-sized tensors through memory (the up-projection's
+    result, then the sum); ``addmm_`` accumulates the up-projection into ``output`` itself, which
+    is what the runtime's cost per call is made of (BENCHMARKS.md). The caller owns ``output``:
+    it must be contiguous, not a view, and seen by nobody else.
+    """
+    B = x.shape[0]
+    R = down.shape[0]
+    h = F.linear(x, down)
+    h = h * coef.reshape(B, *([1] * (h.dim() - 2)), -1)
+    output.view(-1, output.shape[-1]).addmm_(h.reshape(-1, R), up.t())
+    return output
+

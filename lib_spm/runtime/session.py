@@ -52,6 +52,7 @@ class _Layer:
     up: torch.Tensor  # stacked [out, R] / [out, R, 1, 1], alpha/rank folded in per column
     conv: dict | None
     cache: dict = field(default_factory=dict)  # (device, dtype) -> (down, up); "cols" -> cols on the device
+    hook_id: int | None = None  # the id of this layer's forward hook while attached
 
     def weights(self, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         key = (like.device, like.dtype)
@@ -145,7 +146,10 @@ class Session:
             self._handles.append(self.unet.register_forward_pre_hook(
                 partial(self._on_unet_call, token), with_kwargs=True))
             for layer in layers.values():
-                self._handles.append(layer.module.register_forward_hook(partial(self._on_layer, token, layer)))
+                # first of the layer's forward hooks: the output it sees is one nobody else has seen
+                handle = layer.module.register_forward_hook(partial(self._on_layer, token, layer), prepend=True)
+                self._handles.append(handle)
+                layer.hook_id = handle.id
         except BaseException:
             self.detach()
             raise
@@ -234,7 +238,30 @@ class Session:
         if coef.dtype != down.dtype:
             coef = coef.to(down.dtype)  # a layer run in another dtype than its weights (autocast)
         x = x.to(down.dtype)
+        if layer.conv is None and _sole_owner(layer, module, output, down):
+            return functional.add_lowrank_bypass_(output, x, down, up, coef)
         return output + functional.lowrank_bypass(x, down, up, coef, layer.conv)
+
+
+def _sole_owner(layer: _Layer, module: nn.Module, output, down: torch.Tensor) -> bool:
+    """Whether the layer's output may be added into in place: a tensor that fills its whole
+    storage (not a slice of something larger), of the factors' dtype, that no other hook has seen
+    yet (ours runs first: no global forward hooks, none prepended after ours) and that autograd
+    and inference mode let us change.
+
+    In place saves streaming two output-sized tensors through memory per adapted layer; anything
+    unusual takes the out-of-place sum, which gives the same numbers.
+    """
+    return (
+        type(output) is torch.Tensor
+        and output.dtype == down.dtype
+        and output.is_contiguous()
+        and output.untyped_storage().nbytes() == output.numel() * output.element_size()
+        and not (output.requires_grad and torch.is_grad_enabled())
+        and (not output.is_inference() or torch.is_inference_mode_enabled())
+        and not nn.modules.module._global_forward_hooks
+        and next(iter(module._forward_hooks), None) == layer.hook_id
+    )
 
 
 def _group_coef(coef: torch.Tensor, layer: _Layer) -> torch.Tensor | None:
