@@ -138,3 +138,24 @@ def test_budget_overrides_are_typed_and_bad_ones_refused():
     for bad in ("nope=3", "n=", "n=two"):
         with pytest.raises(SPMError, match="budget setting"):
             br.Budget().with_overrides(bad)
+
+
+def test_listed_names_gate_synonyms_with_the_same_weights(tiny):
+    """`--listed-names`: the trained weights gated by the concept and its synonyms, as the Manage
+    tab's edit of the targets makes them; the synonym then opens the gate the name alone left shut."""
+    world, spms = tiny
+    spm = spms[0][0]
+    listed = br.with_gate_concepts(spm, ["circle", "disc", "round shape"])
+    assert listed.layers is spm.layers and listed.metadata.targets == ["circle", "disc", "round shape"]
+    assert [s.concepts for s in listed.slices()] == [("circle", "disc", "round shape")]
+    te = world.text_encoder
+    prompts = ["a red disc", "a blue round shape", "a green square"]
+    from lib_spm.runtime.session import Session
+
+    gates = {}
+    for name, s in (("trained", spm), ("listed", listed)):
+        session = Session(world.unet, [(s, 1.0)], encoder=te, gate=GateSettings())
+        session._gate.prepare()
+        gates[name] = session.gates(te.encode(prompts), te.tokens(prompts))[:, 0]
+    assert torch.all(gates["listed"][:2] == 1.0)  # the listed words are in the prompt (token overlap)
+    assert gates["listed"][2] < 1.0 and torch.all(gates["listed"] >= gates["trained"])

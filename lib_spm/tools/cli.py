@@ -113,7 +113,8 @@ def _bench_robustness(args) -> int:
     from ..world.bench_robustness import main
 
     main(args.json, n=args.n, quick=args.quick, seed=args.seed, work=args.work, packs=args.packs,
-         soft_gates=args.soft_gates, gates=args.gates, budget_spec=args.budget, attacks=args.attacks)
+         soft_gates=args.soft_gates, gates=args.gates, budget_spec=args.budget, attacks=args.attacks,
+         listed_names=args.listed_names)
     return 0
 
 
@@ -331,6 +332,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="override budget fields (n, steps, search_slots, search_samples, search_steps, soft_steps, ...)")
     rb.add_argument("--attacks", nargs="*", default=["naming", "hiding", "search", "soft"],
                     choices=["naming", "hiding", "search", "soft"], help="attack families to run (none: packs only)")
+    rb.add_argument("--listed-names", action="store_true",
+                    help="gate each SPM by its concept and the world's synonyms of it, as an operator lists them")
     rb.set_defaults(run=_bench_robustness)
     bm = bsub.add_parser("merge", help="a three-concept pack in the shapes world: side by side, exact, compressed, baked")
     bm.add_argument("--n", type=int, default=16, help="samples per prompt")

@@ -24,6 +24,7 @@ prompt every SPM gates off is the bare world's image.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from contextlib import nullcontext
@@ -453,11 +454,22 @@ def pack_case(judge: Judge, spms, concepts: Sequence[str], gates: dict, colours_
 
 # -- the benchmark --------------------------------------------------------------------------------
 
+def with_gate_concepts(spm: SPMFile, concepts: Sequence[str]) -> SPMFile:
+    """The same weights gated by other concepts (a one-slice SPM, as the Manage tab's edit makes it)."""
+    if spm.metadata.slices is not None and len(spm.metadata.slices) > 1:
+        raise SPMValueError(f"{spm.name} is a pack; its slices keep their own concepts")
+    md = dataclasses.replace(spm.metadata, targets=list(concepts), slices=None)
+    return dataclasses.replace(spm, metadata=md)
+
+
 def run(budget: Budget = Budget(), *, concept: str = "circle", work: str | Path = "world_runs/robustness",
         packs: Sequence[int] = (1, 2, 3, 5), gates: Sequence[str] = tuple(GATES), soft_gates: Sequence[str] | None = None,
         recipe: dict | None = None, attacks: Sequence[str] = FAMILIES, log: Callable = print,
-        save: Callable[[dict], None] | None = None) -> dict:
-    """``save`` gets the report after each part, so a run cut short keeps what it measured."""
+        save: Callable[[dict], None] | None = None, listed_names: bool = False) -> dict:
+    """``save`` gets the report after each part, so a run cut short keeps what it measured.
+
+    ``listed_names``: each SPM's gate concepts are its concept and the world's synonyms of it, as an
+    operator lists them in the Manage tab (the weights are the same trained SPM's)."""
     from .model import load_world
     from .pipeline import WorldPipeline
     from .spm_cache import cached_spm
@@ -468,10 +480,13 @@ def run(budget: Budget = Budget(), *, concept: str = "circle", work: str | Path 
     gsel = {g: ALL_GATES[g] for g in gates}
     needed = sorted({c for k in packs for c in PACKS[k]} | {concept}, key=lambda c: (c != concept, c))
     spm_of = {c: cached_spm(pipe, c, work, seed=budget.seed, recipe=recipe, log=log) for c in needed}
+    if listed_names:
+        spm_of = {c: with_gate_concepts(s, [c, *data.SYNONYMS.get(c, ())]) for c, s in spm_of.items()}
     spms = [(spm_of[concept], 1.0)]
     judge = Judge(world, n=budget.n, seed=budget.seed, steps=budget.steps)
     report: dict = {"concept": concept, "budget": asdict(budget), "gates": {g: asdict(s) for g, s in gsel.items()},
                     "recipe": {**WORLD_RECIPE, **(recipe or {})},
+                    "gate_concepts": {c: list(s.metadata.targets) for c, s in spm_of.items()},
                     "unsupported": UNSUPPORTED, "families": {}}
     sjudge = Judge(world, n=budget.search_samples, seed=budget.seed + 1, steps=budget.search_steps)
     report["packs"] = {}
@@ -578,12 +593,12 @@ def markdown(report: dict) -> str:
 def main(out_json: str | None = None, *, n: int | None = None, quick: bool = False, seed: int = 0,
          work: str = "world_runs/robustness", packs: Sequence[int] = (1, 2, 3, 5),
          soft_gates: Sequence[str] | None = None, gates: Sequence[str] | None = None, budget_spec: str | None = None,
-         attacks: Sequence[str] = FAMILIES) -> dict:
+         attacks: Sequence[str] = FAMILIES, listed_names: bool = False) -> dict:
     budget = (Budget.quick(seed=seed) if quick else Budget(seed=seed)).with_overrides(budget_spec)
     if n is not None:
         budget.n = n
     save = (lambda r: Path(out_json).write_text(json.dumps(r, indent=2))) if out_json else None
     report = run(budget, work=work, packs=packs, soft_gates=soft_gates, gates=gates or tuple(GATES), attacks=attacks,
-                 save=save)
+                 save=save, listed_names=listed_names)
     print(markdown(report))
     return report
