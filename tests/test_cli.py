@@ -216,7 +216,7 @@ def test_every_command_has_help(capsys):
     for argv in (["inspect", "x"], ["merge", "o", "i"], ["extract", "p", "s", "o"], ["bake", "s", "d", "i"],
                  ["bench", "runtime"], ["bench", "erasure"], ["bench", "bake-memory", "--arch", "sdxl"], ["bench", "merge"], ["world", "train", "--out", "o"],
                  ["world", "classifier", "--out", "o"], ["world", "eval"], ["world", "release", "--from", "r",
-                 "--classifier", "c"], ["demo"]):
+                 "--classifier", "c"], ["demo"], ["train", "o.safetensors", "--target", "circle"]):
         assert callable(parser.parse_args(argv).run)
 
 
@@ -284,3 +284,48 @@ def test_bench_train_memory_arguments_parse():
     assert check_args("sd1", None, 1, 2, 0) == 512
     with pytest.raises(SystemExit):
         build_parser().parse_args(["bench", "train-memory", "--arch", "sd3"])
+
+
+# -- train: an SPM on the shapes world, from the terminal -------------------------------------------
+
+def test_train_command_takes_the_sampling_and_reports_passes(tmp_path, capsys):
+    from lib_spm import load_spm
+    from lib_spm.training.train_config import read_checkpoint
+
+    out = tmp_path / "runs" / "no_circle.safetensors"
+    argv = ["train", str(out), "--target", "circle", "--surrogate", "square", "--sampling", "pool",
+            "--checkpoint-every", "2", "--seed", "1", "--iterations", "3"]
+    assert main(argv) == 0
+    captured = capsys.readouterr()
+    summary = json.loads(captured.out)
+    assert summary["steps"] == 3 and summary["sampling"] == "pool" and summary["anchors"] == 3  # pool's recipe
+    assert summary["passes_per_iteration"] == summary["estimated_passes_per_iteration"]  # pool's count is exact
+    assert "train no_circle (pool): 3/3" in captured.err  # progress on stderr, stdout stays JSON
+    spm = load_spm(out)
+    assert spm.metadata.recipe["sampling"] == "pool" and spm.metadata.surrogates == {"circle": "square"}
+    cfg, step = read_checkpoint(out.with_name("no_circle.ckpt.safetensors"))
+    assert cfg.sampling == "pool" and step == 3
+    # the file exists: only --resume continues it, and only with the same settings
+    assert main(argv) == 2 and "exists; choose another path" in capsys.readouterr().err
+    other = [a if a != "pool" else "fresh" for a in argv] + ["--resume"]
+    err = capsys.readouterr().err if main(other) == 2 else "ran"
+    assert err == "error: checkpoint was made with other settings: anchors, sampling\n"  # fresh's 4 anchors too
+    assert main([*argv[:-1], "4", "--resume"]) == 0  # 4 iterations: one more
+    assert json.loads(capsys.readouterr().out)["steps"] == 4
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--sampling", "lazy"], "invalid choice: 'lazy'"),
+    (["--surrogate", "a", "--surrogate", "b", "--surrogate", "c"], "one per target: 1 targets, 3 surrogates"),
+    (["--iterations", "0"], "Iterations must be at least 1"),
+    (["--resume"], "no checkpoint x.ckpt.safetensors"),
+])
+def test_train_command_refuses_bad_settings_in_one_line(tmp_path, capsys, argv, message):
+    try:
+        code = main(["train", str(tmp_path / "x.safetensors"), "--target", "circle", *argv])
+        one_line = True
+    except SystemExit as e:  # argparse's own refusal, under its usage line
+        code, one_line = e.code, False
+    err = capsys.readouterr().err
+    assert code == 2 and message in err and not (tmp_path / "x.safetensors").exists()
+    assert not one_line or (err.startswith("error: ") and err.count("\n") == 1)

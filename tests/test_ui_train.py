@@ -77,8 +77,8 @@ def panel(host):
 
 def inputs(**kw) -> dict:
     base = dict(preset="shapes world quick", targets="circle", surrogates="", guidance=5.0, iterations=3,
-                lr=1e-2, rank=1, la_strength=100.0, anchors=1, resolution=32, seed=2, name="no_circle",
-                checkpoint_every=0, preview_every=0, preview_prompt="", resume=NO_RESUME)
+                lr=1e-2, rank=1, la_strength=100.0, anchors=1, sampling="fresh", resolution=32, seed=2,
+                name="no_circle", checkpoint_every=0, preview_every=0, preview_prompt="", resume=NO_RESUME)
     base.update(kw)
     return base
 
@@ -118,6 +118,8 @@ def start(panel, changed="old", **kw) -> list:
     (dict(name="../outside"), "'..' part"),
     (dict(anchors=-1), "Anchor count must be at least 0"),
     (dict(resume="ghost.ckpt.safetensors"), "no training checkpoint"),
+    (dict(sampling="lazy"), "sampling must be one of fresh, pool, not 'lazy'"),
+    (dict(sampling=None), "sampling must be one of fresh, pool, not None"),
 ])
 def test_bad_inputs_start_nothing(panel, host, bad, message):
     out = start(panel, **bad)
@@ -202,12 +204,12 @@ def test_interrupt_then_resume_from_the_listed_checkpoint(panel, host):
     assert "<b>cancelled</b>" in out[-1][0] and "interrupted at step 2/4" in out[-1][0]
     host.interrupt.clear()
     assert panel.resume_choices() == [NO_RESUME, "no_circle.ckpt.safetensors"]
-    assert panel.on_resume(NO_RESUME, *range(10)) is None
-    shown = panel.on_resume("no_circle.ckpt.safetensors", *[None] * 10)
+    assert panel.on_resume(NO_RESUME, *range(11)) is None
+    shown = panel.on_resume("no_circle.ckpt.safetensors", *[None] * 11)
     fields = dict(zip(["targets", "surrogates", "guidance", "iterations", "lr", "rank", "la_strength", "anchors",
-                       "seed", "name"], shown[:-1]))
+                       "sampling", "seed", "name"], shown[:-1]))
     assert fields == dict(targets="circle", surrogates="", guidance=5.0, iterations=4, lr=1e-2, rank=1,
-                          la_strength=100.0, anchors=1, seed=2, name="no_circle")
+                          la_strength=100.0, anchors=1, sampling="fresh", seed=2, name="no_circle")
     assert "at step 2" in shown[-1]
     bad = start(panel, iterations=4, lr=2e-2, resume="no_circle.ckpt.safetensors")
     assert "these differ: lr" in bad[0][0]
@@ -222,9 +224,10 @@ def test_interrupt_then_resume_from_the_listed_checkpoint(panel, host):
 def test_presets_fill_the_fields(panel):
     out = panel.on_preset("civitai: SDXL", "", "")
     assert out[0] == PRESETS["civitai: SDXL"].description
-    assert out[1:] == ("bikini", "turtleneck", 2.0, 5000, 2e-4, 2, 400.0, 1, 1024)
+    assert out[1:] == ("bikini", "turtleneck", 2.0, 5000, 2e-4, 2, 400.0, 1, "fresh", 1024)
     kept = panel.on_preset("original: character", "snoopy", "dog")
-    assert kept[1:3] == ("snoopy", "dog") and kept[3:] == (1.0, 3000, 1e-4, 1, 1000.0, 4, 512)
+    assert kept[1:3] == ("snoopy", "dog") and kept[3:] == (1.0, 3000, 1e-4, 1, 1000.0, 4, "fresh", 512)
+    assert panel.on_preset(None, "a", "b") == ("", "a", "b") + (None,) * 8  # one per shown field and resolution
 
 
 def test_loss_points_are_bounded_and_end_at_the_last_step():
@@ -251,12 +254,13 @@ class ModelHost(Host):
 def test_estimate_before_the_run_starts(panel, world, tmp_path):
     world_text = panel.on_estimate("shapes world quick", 250, 4, 32)
     # 20 denoising + 6 frozen + 4 x 5 adapter pass-equivalents = 46 per iteration; 0.565 s measured
-    assert world_text.startswith("Estimated duration: about 2:21 (250 iterations × ~46 UNet passes")
+    assert world_text.startswith("Estimated duration: about 2:21 (250 iterations × ~46 UNet passes (fresh sampling)")
     assert "the shapes world, measured" in world_text
     sdxl = TrainPanel(ModelHost(world, tmp_path / "x", "sdxl", "cuda"), JobRunner())
     text = sdxl.on_estimate("civitai: SDXL", 5000, 1, 1024)
     # 20 + 3 + 4 x 2 = 31 passes x (0.03 s x 1.25 x (1024/512)^2 = 0.15 s) x 5000 = 23250 s
-    assert text.startswith("Estimated duration: about 6:27:30 (5000 iterations × ~31 UNet passes × 0.15 s")
+    assert text.startswith("Estimated duration: about 6:27:30 (5000 iterations × ~31 UNet passes (fresh sampling) × "
+                           "0.15 s")
     assert "SDXL at 1024 px on CUDA, rough, not measured" in text
     assert "about 1:36:52 " in sdxl.on_estimate("civitai: SDXL", 5000, 1, 512)  # a quarter of the pixels
     cpu = TrainPanel(ModelHost(world, tmp_path / "y", "sd1", "cpu"), JobRunner())
@@ -274,3 +278,70 @@ def test_defaults_follow_the_loaded_architecture(panel, world, tmp_path):
         assert p.default_preset() == preset
         assert p.on_preset("original: character", "", "")[-1] == res
         assert p.on_preset("civitai: SDXL", "", "")[-1] == res  # an SDXL preset on SD1 trains at 512
+
+
+def test_estimate_follows_the_sampling_and_what_it_costs(panel):
+    fresh = panel.on_estimate("shapes world quick", 250, 4, 32, "fresh", "circle", "")
+    pool = panel.on_estimate("shapes world quick", 250, 4, 32, "pool", "circle", "")
+    # pool: 14 trajectories x 40 passes / 250 = 2.24 + 1 frozen target + 4 anchors + 5 live + 15 backward
+    assert "~46 UNet passes (fresh sampling)" in fresh and "~27 UNet passes (pool sampling)" in pool
+    assert "about 1:24 " in pool  # 250 x 27.24 passes x (0.565 s / 46 passes) = 83.6 s
+    # a named surrogate costs pool one frozen pass per iteration ("" comes with the trajectories)
+    assert "~28 UNet passes (pool sampling)" in panel.on_estimate("shapes world quick", 250, 4, 32, "pool", "circle",
+                                                                  "square")
+    assert "~46 UNet passes" in panel.on_estimate("shapes world quick", 250, 4, 32, "fresh", "circle", "square")
+    assert panel.on_estimate("shapes world quick", 250, 4, 32, "lazy") == ""
+
+
+def _tiny_backend():
+    from diffusers import DDPMScheduler
+    from models import ToyEncoder, tiny_sd1
+
+    from lib_spm.hosts.diffusers import DiffusersBackend
+    from lib_spm.training.trainer import Conditioning
+
+    acp = DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012).alphas_cumprod
+    enc = ToyEncoder()
+    return DiffusersBackend(tiny_sd1(True), lambda ps: Conditioning(enc.encode(ps)), acp, (4, 8, 8))
+
+
+@pytest.mark.parametrize("fields", [
+    dict(sampling="fresh", max_denoising_steps=4, iterations=8, batch=2),
+    dict(sampling="fresh", max_denoising_steps=3, iterations=4, la_strength=0.0),  # no anchors
+    dict(sampling="pool", max_denoising_steps=4, iterations=7),  # refills of 2 trajectories, then 1
+    dict(sampling="pool", max_denoising_steps=5, iterations=5, batch=2, surrogates={"circle": "square"}),
+    dict(sampling="pool", max_denoising_steps=3, iterations=6, la_strength=0.0),
+])
+def test_estimate_counts_the_passes_the_trainer_reports(tmp_path, fields):
+    from lib_spm.training.cost import sample_passes_per_iteration
+    from lib_spm.training.train_config import TrainConfig
+    from lib_spm.training.trainer import train_spm
+    from lib_spm.ui.train import BACKWARD_PASSES, passes_per_iteration
+
+    recipe = {**dict(targets=["circle"], iterations=5, anchors=2, la_strength=10.0, lr=1e-3, seed=1), **fields}
+    cfg = TrainConfig(**recipe)
+    res = train_spm(_tiny_backend(), cfg, tmp_path / "x.safetensors")
+    reported = [h.passes for h in res.history]
+    expected = sample_passes_per_iteration(cfg)
+    k, b, s = (cfg.anchors if cfg.la_strength > 0 else 0), cfg.batch, cfg.max_denoising_steps
+    # the UI's estimate is the trainer's count plus the backward through the adapter's rows
+    assert passes_per_iteration(recipe) == expected + BACKWARD_PASSES * (1 + k) * b
+    if cfg.sampling == "pool":  # deterministic: the run's mean, as bench erasure reports it
+        assert expected == pytest.approx(sum(reported) / len(reported), abs=1e-9)
+    else:  # 2*B*idx denoising passes, idx uniform in [1, S-1]: the estimate counts its mean, S/2
+        steps = {(r - (expected - b * s)) / (2 * b) for r in reported}
+        assert steps == set(range(1, s))  # every step seen (seeded), none outside the range
+
+
+def test_pool_sampling_is_trained_recorded_and_resumed(panel, host):
+    host.interrupt_at = 2
+    out = start(panel, sampling="pool", iterations=4)
+    assert "interrupted at step 2/4" in out[-1][0]
+    host.interrupt.clear()
+    shown = panel.on_resume("no_circle.ckpt.safetensors", *[None] * 11)
+    assert shown[8] == "pool"  # the Sampling choice is filled from the checkpoint
+    fresh = start(panel, sampling="fresh", resume="no_circle.ckpt.safetensors")
+    assert "these differ: sampling" in fresh[0][0]
+    done = start(panel, sampling="pool", iterations=4, resume="no_circle.ckpt.safetensors")
+    assert "<b>done</b>" in done[-1][0]
+    assert load_spm(host.library.path_of("no_circle")).metadata.recipe["sampling"] == "pool"

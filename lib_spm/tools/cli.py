@@ -259,6 +259,15 @@ def _ui(args) -> int:
     return 0
 
 
+def _train(args) -> int:
+    from .train import train_world_spm
+
+    print(json.dumps(train_world_spm(args.out, args.target, args.surrogate, sampling=args.sampling,
+                                     iterations=args.iterations, anchors=args.anchors, seed=args.seed,
+                                     checkpoint_every=args.checkpoint_every, resume=args.resume), indent=2))
+    return 0
+
+
 def _dtype(name):
     import torch
 
@@ -363,6 +372,20 @@ def build_parser() -> argparse.ArgumentParser:
     k.add_argument("inputs", nargs="+", help="FILE or FILE:WEIGHT")
     k.add_argument("--arch", choices=("sd1", "sd2", "sdxl"), default=None)
     k.set_defaults(run=_bake)
+    t = sub.add_parser("train", help="train an SPM on the shipped shapes world (steps and ETA on stderr)")
+    t.add_argument("out", help="the SPM file to write (.safetensors); its checkpoint goes next to it")
+    t.add_argument("--target", action="append", required=True, help="a concept to erase (repeat for more)")
+    t.add_argument("--surrogate", action="append", default=[],
+                   help="what it becomes: once for all targets or once per target (default \"\")")
+    t.add_argument("--sampling", choices=("fresh", "pool"), default="fresh",
+                   help="fresh: new noise every step (default). pool: shared trajectories, about 3x fewer UNet "
+                        "passes, but weaker with the gate off or baked (BENCHMARKS.md)")
+    t.add_argument("--iterations", type=int, default=None, help="default: the shapes world preset's 250")
+    t.add_argument("--anchors", type=int, default=None, help="default: 4 for fresh, 3 for pool (as benchmarked)")
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--checkpoint-every", type=int, default=0, help="write a checkpoint every N steps (0: never)")
+    t.add_argument("--resume", action="store_true", help="continue from the checkpoint next to OUT")
+    t.set_defaults(run=_train)
     u = sub.add_parser("ui", help="serve the SPM tab (train, manage, merge) standalone on the shapes world")
     u.add_argument("--spm-dir", required=True, help="the SPM folder")
     u.add_argument("--checkpoint-dir", default=None, help="checkpoints to bake into (default: SPM folder/checkpoints)")

@@ -19,8 +19,14 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Iterator
 
 from ..errors import SPMError, SPMValueError
+from ..training.cost import adapter_passes_per_iteration, sample_passes_per_iteration
 from ..training.jobs import JobRunner, JobSnapshot, PreviewSettings, TrainJob
-from ..training.train_config import TrainConfig, read_checkpoint, resume_differences
+from ..training.train_config import (
+    SAMPLINGS,
+    TrainConfig,
+    read_checkpoint,
+    resume_differences,
+)
 from ..values import number, whole
 from ..world.presets import PRESETS, apply_preset
 
@@ -46,9 +52,15 @@ DEFAULT_PRESET = {"sd1": "original: character", "sd2": "original: character", "s
 SECONDS_PER_PASS_512 = {"cpu": 3.5, "cuda": 0.03, "mps": 0.15}
 ARCH_COST = {"sd1": 1.0, "sd2": 1.0, "sdxl": 1.25}
 WORLD_SECONDS_PER_ITERATION = 0.565
+BACKWARD_PASSES = 3  # pass-equivalents of the backward through the adapter's forward pass
+
+# What the Sampling choice trades (BENCHMARKS.md, "pool"): shown under it.
+SAMPLING_INFO = ("fresh: new noise denoised every step (the published method). pool: trajectories shared "
+                 "between steps, about 3x fewer UNet passes, but it leans on the gate: with the gate off "
+                 "(or the SPM baked into a checkpoint) it erased 0.54 against fresh's 0.93.")
 
 # The recipe fields the panel shows, in the order of on_preset's and on_resume's outputs.
-SHOWN = ("targets", "surrogates", "guidance", "iterations", "lr", "rank", "la_strength", "anchors")
+SHOWN = ("targets", "surrogates", "guidance", "iterations", "lr", "rank", "la_strength", "anchors", "sampling")
 
 
 def esc(value: object) -> str:
@@ -140,14 +152,12 @@ def _clock(seconds: float | None) -> str:
 
 
 def passes_per_iteration(cfg_fields: dict) -> float:
-    """Expected UNet sample-pass equivalents of one training iteration (the trainer's recipe):
-    CFG denoising to a uniform step in [1, S-1], the frozen passes, and the adapter's pass whose
-    backward costs about two more (three with gradient checkpointing; counted, to be safe)."""
-    d = TrainConfig(targets=["x"])
-    S = cfg_fields.get("max_denoising_steps", d.max_denoising_steps)
-    B = cfg_fields.get("batch", d.batch)
-    k = cfg_fields.get("anchors", d.anchors) if cfg_fields.get("la_strength", d.la_strength) > 0 else 0
-    return 2 * B * S / 2 + (2 + k) * B + 4 * (1 + k) * B
+    """Expected UNet sample-pass equivalents of one iteration of a run with these TrainConfig
+    fields: the passes the trainer counts (:func:`~lib_spm.training.cost.sample_passes_per_iteration`,
+    fresh or pool sampling) plus the backward of the adapter's pass, about two more (three with
+    gradient checkpointing; counted, to be safe)."""
+    cfg = TrainConfig(**{"targets": ["x"], **cfg_fields})
+    return sample_passes_per_iteration(cfg) + BACKWARD_PASSES * adapter_passes_per_iteration(cfg)
 
 
 def seconds_per_pass(arch: str | None, device: str, resolution: int) -> float:
@@ -157,20 +167,26 @@ def seconds_per_pass(arch: str | None, device: str, resolution: int) -> float:
     return per * ARCH_COST.get(arch, 1.0) * (resolution / 512) ** 2
 
 
-def estimate_text(preset: str | None, iterations, anchors, resolution, arch: str | None, device: str) -> str:
-    """One line: the run's rough duration before it starts (the running job's ETA is measured)."""
+def estimate_text(preset: str | None, iterations, anchors, resolution, arch: str | None, device: str,
+                  sampling: str = "fresh", targets: str = "", surrogates: str = "") -> str:
+    """One line: the run's rough duration before it starts (the running job's ETA is measured).
+    Targets and surrogates matter to "pool" sampling only (a named surrogate costs a pass)."""
     try:
         its, k = whole(iterations, "Iterations", 1), whole(anchors, "Anchor count", 0)
         res = whole(resolution, "Resolution", 8)
+        concepts = split_concepts(targets) or ["x"]
+        named = parse_surrogates(surrogates, concepts) if split_concepts(targets) else {}
+        fields = {**(PRESETS[preset].config if preset in PRESETS else {}), "anchors": k, "iterations": its,
+                  "sampling": sampling, "targets": concepts, "surrogates": named}
+        passes = passes_per_iteration(fields)
     except SPMValueError:
         return ""
-    fields = {**(PRESETS[preset].config if preset in PRESETS else {}), "anchors": k}
-    passes = passes_per_iteration(fields)
     per = seconds_per_pass(arch, device, res)
     model = "the shapes world" if arch is None else f"{arch.upper()} at {res} px on {device.upper()}"
     source = "measured" if arch is None or device == "cpu" else "rough, not measured"
     return (f"Estimated duration: about {_clock(its * passes * per)} ({its} iterations × ~{passes:.0f} "
-            f"UNet passes × {per:.3g} s per pass for {model}, {source}); the ETA while it runs is measured.")
+            f"UNet passes ({sampling} sampling) × {per:.3g} s per pass for {model}, {source}); the ETA while "
+            f"it runs is measured.")
 
 
 def status_html(s: JobSnapshot) -> str:
@@ -218,10 +234,10 @@ class TrainPanel:
 
     def on_preset(self, name: str | None, targets: str, surrogates: str) -> tuple:
         """(description, targets, surrogates, guidance, iterations, lr, rank, la_strength, anchors,
-        resolution): a preset's recipe; its example concept only fills an empty targets box."""
+        sampling, resolution): a preset's recipe; its example concept only fills an empty targets box."""
         p = PRESETS.get(name or "")
         if p is None:
-            return ("", targets, surrogates) + (None,) * 7
+            return ("", targets, surrogates) + (None,) * (len(SHOWN) - 1)
         c = p.config
         if not split_concepts(targets) and p.targets:
             targets, surrogates = concepts_text(list(p.targets)), surrogates_text(list(p.targets), p.surrogates)
@@ -237,9 +253,11 @@ class TrainPanel:
     def default_preset(self) -> str:
         return DEFAULT_PRESET.get(self.host.model_arch(), next(iter(PRESETS)))
 
-    def on_estimate(self, preset, iterations, anchors, resolution) -> str:
+    def on_estimate(self, preset, iterations, anchors, resolution, sampling="fresh", targets="",
+                    surrogates="") -> str:
         device = getattr(self.host, "device_type", lambda: "cpu")()
-        return estimate_text(preset, iterations, anchors, resolution, self.host.model_arch(), device)
+        return estimate_text(preset, iterations, anchors, resolution, self.host.model_arch(), device, sampling,
+                             targets, surrogates)
 
     def on_resume(self, choice: str | None, *shown) -> tuple | None:
         """The checkpoint's settings for the shown fields (``SHOWN``, then seed and name) and a
@@ -252,14 +270,14 @@ class TrainPanel:
         except (SPMError, OSError) as e:
             return (*shown, _error(f"cannot resume: {e}"))
         values = [concepts_text(saved.targets), surrogates_text(saved.targets, saved.surrogates), saved.guidance,
-                  saved.iterations, saved.lr, saved.rank, saved.la_strength, saved.anchors, saved.seed,
+                  saved.iterations, saved.lr, saved.rank, saved.la_strength, saved.anchors, saved.sampling, saved.seed,
                   choice[: -len(CHECKPOINT_SUFFIX)]]
         note = (f"Resuming {esc(choice)} at step {step}: its settings are filled in; raise Iterations to "
                 f"train longer (every other setting must stay as it was).")
         return (*values, note)
 
     # -- checking inputs ---------------------------------------------------------------------------
-    def request(self, preset, targets, surrogates, guidance, iterations, lr, rank, la_strength, anchors,
+    def request(self, preset, targets, surrogates, guidance, iterations, lr, rank, la_strength, anchors, sampling,
                 resolution, seed, name, checkpoint_every, preview_every, preview_prompt, resume) -> TrainRequest:
         """Everything the inputs say, checked; :class:`SPMValueError` with a clear message otherwise.
 
@@ -273,7 +291,7 @@ class TrainPanel:
             guidance=number(guidance, "Erase guidance", *anything),
             iterations=whole(iterations, "Iterations"), lr=number(lr, "Learning rate", *anything),
             rank=whole(rank, "Rank"), la_strength=number(la_strength, "Latent Anchoring strength", *anything),
-            anchors=whole(anchors, "Anchor count"), seed=whole(seed, "Seed"),
+            anchors=whole(anchors, "Anchor count"), seed=whole(seed, "Seed"), sampling=sampling,
         )
         res = whole(resolution, "Resolution", 8)  # the host checks its own range
         if res % 8 or res > 4096:
@@ -317,13 +335,14 @@ class TrainPanel:
                         progress=host.progress)
 
     # -- the event handlers ------------------------------------------------------------------------
-    def start(self, preset, targets, surrogates, guidance, iterations, lr, rank, la_strength, anchors,
+    def start(self, preset, targets, surrogates, guidance, iterations, lr, rank, la_strength, anchors, sampling,
               resolution, seed, name, checkpoint_every, preview_every, preview_prompt, resume,
               changed) -> Iterator[tuple]:
         """Yields (status HTML, loss plot, previews, changed token) until the job ends."""
         try:
             req = self.request(preset, targets, surrogates, guidance, iterations, lr, rank, la_strength, anchors,
-                               resolution, seed, name, checkpoint_every, preview_every, preview_prompt, resume)
+                               sampling, resolution, seed, name, checkpoint_every, preview_every, preview_prompt,
+                               resume)
             job = self.runner.start(self.job_for(req))
         except (SPMError, OSError) as e:
             yield _error(f"Not started: {e}"), None, [], changed
@@ -370,7 +389,7 @@ def build(host: UIHost, changed) -> dict:
 
     panel = TrainPanel(host, getattr(host, "jobs", None))
     first = panel.default_preset()
-    desc, t0, s0, g0, it0, lr0, r0, la0, an0, res0 = panel.on_preset(first, "", "")
+    desc, t0, s0, g0, it0, lr0, r0, la0, an0, sa0, res0 = panel.on_preset(first, "", "")
 
     def fill_from_checkpoint(choice, *shown_values):
         values = panel.on_resume(choice, *shown_values)
@@ -397,6 +416,8 @@ def build(host: UIHost, changed) -> dict:
         anchors = gr.Number(label="Anchors per step", value=an0, precision=0, elem_id="spm_train_anchors")
         resolution = gr.Number(label="Resolution", value=res0, precision=0, elem_id="spm_train_resolution")
         seed = gr.Number(label="Seed", value=0, precision=0, elem_id="spm_train_seed")
+    sampling = gr.Radio(label="Sampling", choices=list(SAMPLINGS), value=sa0, info=SAMPLING_INFO,
+                        elem_id="spm_train_sampling")
     with gr.Row():
         name = gr.Textbox(label="Output name (folders with /)", elem_id="spm_train_name")
         checkpoint_every = gr.Number(label="Checkpoint every N steps (0: only on cancel)", value=500, precision=0,
@@ -414,19 +435,20 @@ def build(host: UIHost, changed) -> dict:
         start = gr.Button("Train", variant="primary", elem_id="spm_train_start")
         cancel = gr.Button("Cancel and save", variant="stop", elem_id="spm_train_cancel")
         watch = gr.Button("Show running job", elem_id="spm_train_watch")
-    estimate = gr.Markdown(panel.on_estimate(first, it0, an0, res0), elem_id="spm_train_estimate")
+    estimate = gr.Markdown(panel.on_estimate(first, it0, an0, res0, sa0, t0, s0), elem_id="spm_train_estimate")
     status = gr.HTML(elem_id="spm_train_status")
     loss = gr.LinePlot(x="step", y="loss", title="Loss", elem_id="spm_train_loss")
     previews = gr.Gallery(label="Previews: before, then after every N steps", columns=4,
                           elem_id="spm_train_previews")
 
-    shown = [targets, surrogates, guidance, iterations, lr, rank, la_strength, anchors]
+    shown = [targets, surrogates, guidance, iterations, lr, rank, la_strength, anchors, sampling]
     inputs = [preset, *shown, resolution, seed, name, checkpoint_every, preview_every, preview_prompt, resume, changed]
     outputs = [status, loss, previews, changed]
     preset.change(panel.on_preset, inputs=[preset, targets, surrogates],
                   outputs=[preset_info, *shown, resolution])
-    for box in (preset, iterations, anchors, resolution):
-        box.change(panel.on_estimate, inputs=[preset, iterations, anchors, resolution], outputs=[estimate])
+    for box in (preset, iterations, anchors, resolution, sampling, targets, surrogates):
+        box.change(panel.on_estimate, inputs=[preset, iterations, anchors, resolution, sampling, targets, surrogates],
+                   outputs=[estimate])
     resume.change(fill_from_checkpoint, inputs=[resume, *shown, seed, name], outputs=[*shown, seed, name, status])
     for event in (refresh_button.click, changed.change):
         event(refresh, inputs=[resume], outputs=[resume])
@@ -435,6 +457,6 @@ def build(host: UIHost, changed) -> dict:
     cancel.click(panel.cancel, outputs=[status])
     return {"panel": panel, "preset": preset, "targets": targets, "surrogates": surrogates, "guidance": guidance,
             "iterations": iterations, "lr": lr, "rank": rank, "la_strength": la_strength, "anchors": anchors,
-            "resolution": resolution, "seed": seed, "name": name, "checkpoint_every": checkpoint_every,
-            "preview_every": preview_every, "preview_prompt": preview_prompt, "resume": resume,
+            "sampling": sampling, "resolution": resolution, "seed": seed, "name": name,
+            "checkpoint_every": checkpoint_every, "preview_every": preview_every, "preview_prompt": preview_prompt, "resume": resume,
             "start": start, "cancel": cancel, "watch": watch, "estimate": estimate, "status": status, "loss": loss, "previews": previews}

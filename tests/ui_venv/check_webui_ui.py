@@ -52,6 +52,15 @@ ids = {getattr(b, "elem_id", None) for b in tab.blocks.values()}
 for need in ("spm_train_start", "spm_manage_table", "spm_merge_run", "spm_library_changed",
              "spm_test_run", "spm_test_table", "spm_test_spms", "spm_test_no_images"):
     assert need in ids, need
+# the Train panel's Sampling choice: fresh by default, and one of the Train button's inputs, after the anchors
+by_id = {getattr(b, "elem_id", None): b for b in tab.blocks.values()}
+sampling = by_id["spm_train_sampling"]
+out["sampling"] = [c[0] if isinstance(c, (list, tuple)) else c for c in sampling.choices]
+assert out["sampling"] == ["fresh", "pool"] and sampling.value == "fresh", out
+train_inputs = next(d["inputs"] for d in tab.dependencies
+                    if by_id["spm_train_start"]._id in [t[0] if isinstance(t, (list, tuple)) else t for t in d["targets"]])
+assert train_inputs.index(sampling._id) == train_inputs.index(by_id["spm_train_anchors"]._id) + 1, train_inputs
+assert "(fresh sampling)" in by_id["spm_train_estimate"].value, by_id["spm_train_estimate"].value
 no_images = next(b.value for b in tab.blocks.values() if getattr(b, "elem_id", None) == "spm_test_no_images")
 assert "Gates only in the WebUI" in no_images, no_images  # the WebUI's Test panel says it makes no images
 
