@@ -115,3 +115,57 @@ def test_calibrated_metric_falls_back_to_the_cosine_for_rows_of_unknown_text():
     got = concept_scores("pooled", e, c, [enc.tokens(["a red circle"])[0], None], enc.tokens(["circle"]), (null, floor))
     assert torch.allclose(got[1], clip_cosine(e[1:], c)[0])
     assert not torch.allclose(got[0], clip_cosine(e[:1], c)[0])
+
+
+class _PooledEncoder:
+    """A causal-like toy encoder: each word a fixed vector, the end token the sum of the words, so
+    the calibrated metric's end-state cosines between one-word prompts are the words' cosines."""
+
+    L, D = 8, 6
+
+    def __init__(self, words: dict[str, list[float]]):
+        self.words = {w: torch.tensor(v + [0.0] * (self.D - len(v))) for w, v in words.items()}
+        self.ids_ = {w: i + 3 for i, w in enumerate(words)}
+
+    def encode(self, texts):
+        out = torch.zeros(len(texts), self.L, self.D)
+        for b, t in enumerate(texts):
+            ws = t.split()
+            for i, w in enumerate(ws):
+                out[b, 1 + i] = self.words[w]
+            out[b, 1 + len(ws)] = sum((self.words[w] for w in ws), torch.zeros(self.D))
+        return out
+
+    def tokens(self, texts):
+        return [tuple(self.ids_[w] for w in t.split()) for t in texts]
+
+
+def _unit(cos: float, axis: int) -> list[float]:
+    """A unit vector at cosine ``cos`` to e0, the rest along ``axis``."""
+    v = [0.0] * 6
+    v[0], v[axis] = cos, (1 - cos**2) ** 0.5
+    return v
+
+
+@pytest.mark.parametrize("slices, contrast, red_floor", [
+    ([("red",), ("blue",)], True, 0.4),  # another slice's concept: red's floor is its similarity to blue
+    ([("red",), ("blue",)], False, 0.0),  # contrast off: the reference floor alone
+    ([("red", "blue")], True, 0.0),  # names of one slice never raise each other's floor
+    ([("red",), ("crimson",)], True, 0.0),  # near-synonyms (cosine 0.8 >= the cap) do not either
+    ([("red",)], True, 0.0),  # one concept: nothing to contrast with
+])
+def test_contrast_floor_against_the_other_slices_concepts(slices, contrast, red_floor):
+    from lib_spm.runtime.gating import CONTRAST_CAP, ConceptGate
+
+    assert 0.4 < CONTRAST_CAP <= 0.8
+    enc = _PooledEncoder({"red": _unit(1.0, 1), "blue": _unit(0.4, 2), "yellow": _unit(0.4, 3),
+                          "crimson": _unit(0.8, 4), "house": _unit(0.0, 5)})
+    gate = ConceptGate(GateSettings(metric="pooled", reference_prompts=("house",), contrast=contrast), slices, enc)
+    gate.prepare()
+    floors = dict(zip(gate.concepts, gate.calibration[1].tolist()))
+    assert floors["red"] == pytest.approx(red_floor, abs=1e-5)
+    red = [i for i, s in enumerate(slices) if "red" in s][0]
+    g = gate.gates(enc.encode(["red", "yellow"]), enc.tokens(["red", "yellow"]))[:, red]
+    assert g[0] == pytest.approx(1.0)  # the concept itself always opens its gate fully
+    # "yellow" is as close to red as blue is: it half-opens red's gate unless blue contrasts it away
+    assert g[1] == pytest.approx(0.0 if red_floor else 0.4, abs=1e-5)

@@ -28,6 +28,10 @@ class ConceptEncoder(Protocol):
         """Token ids of each text in order, special tokens (start, end, padding) excluded."""
 
 
+# Concepts of other slices at least this similar (centred end-state cosine) are near-synonyms:
+# they do not raise each other's floor, so a word between them opens both gates.
+CONTRAST_CAP = 0.5
+
 # Unrelated prompts the calibrated metrics measure each concept against: the concept's mean
 # similarity to these is what "unrelated" means for it (its gate is 0 there).
 REFERENCE_PROMPTS = (
@@ -45,6 +49,10 @@ class GateSettings:
     # "clipcos_tokenuni" (still available) let the SPM act on unrelated prompts (BENCHMARKS.md)
     metric: str = "pooled_tokenuni"
     reference_prompts: tuple[str, ...] = REFERENCE_PROMPTS  # for the calibrated metrics only
+    # calibrated metrics: a concept's floor is also its similarity to the other slices' concepts
+    # (below CONTRAST_CAP), so a prompt naming another applied concept does not open it; this
+    # took five-SPM preservation in the shapes world from 0.77 to ... (BENCHMARKS.md)
+    contrast: bool = True
 
     def __post_init__(self):
         if self.metric not in functional.METRICS:
@@ -105,15 +113,36 @@ class ConceptGate:
         """The empty prompt's encoding, and each concept's score against unrelated prompts."""
         null = self._encoder.encode([""]).detach()
         refs = list(self.settings.reference_prompts)
-        if not refs:
-            return null, torch.zeros(len(self.concepts))
-        ref_embeds, ref_tokens = self._encoder.encode(refs).detach(), self._encoder.tokens(refs)
-        raw = functional.pooled_cosine(ref_embeds, [len(t) for t in ref_tokens], embeds, [len(t) for t in tokens], null)
-        # a reference that shares a word with the concept is not unrelated to it; the floor is the
-        # mean over the rest (the max let one odd reference shut the gate on synonyms, measured)
-        keep = (functional.token_overlap(ref_tokens, tokens) == 0).float()
-        floor = (raw * keep).sum(0) / keep.sum(0).clamp_min(1)
+        floor = torch.zeros(len(self.concepts))
+        if refs:
+            ref_embeds, ref_tokens = self._encoder.encode(refs).detach(), self._encoder.tokens(refs)
+            raw = functional.pooled_cosine(ref_embeds, [len(t) for t in ref_tokens], embeds,
+                                           [len(t) for t in tokens], null)
+            # a reference that shares a word with the concept is not unrelated to it; the floor is
+            # the mean over the rest (the max let one odd reference shut the gate on synonyms, measured)
+            keep = (functional.token_overlap(ref_tokens, tokens) == 0).float()
+            floor = (raw * keep).sum(0) / keep.sum(0).clamp_min(1)
+        if self.settings.contrast:
+            floor = torch.maximum(floor, self._contrast_floor(embeds, tokens, null))
         return null, floor.clamp(min=0.0)
+
+    def _contrast_floor(self, embeds: torch.Tensor, tokens: tuple, null: torch.Tensor) -> torch.Tensor:
+        """Each concept's highest similarity to a concept it shares no slice with (below the cap).
+
+        A prompt naming another erased concept is then not this one: in a pack of shapes and colours
+        the colour gates otherwise half-open on every coloured prompt. Concepts of one slice (the
+        names one SPM is gated by) never raise each other's floor."""
+        C = len(self.concepts)
+        lengths = [len(t) for t in tokens]
+        raw = functional.pooled_cosine(embeds, lengths, embeds, lengths, null)  # [C, C]
+        related = torch.zeros(C, C, dtype=torch.bool)
+        for group in self._groups:
+            idx = torch.tensor(group, dtype=torch.long)
+            if len(idx):
+                related[idx[:, None], idx[None, :]] = True
+        related |= torch.eye(C, dtype=torch.bool)
+        others = raw.masked_fill(related | (raw >= CONTRAST_CAP) | raw.isnan(), float("-inf"))
+        return others.amax(dim=1).clamp(min=0.0) if C > 1 else torch.zeros(C)
 
     def gates(self, cond: torch.Tensor, rows: RowTokens | None = None) -> torch.Tensor:
         """``[B, slices]``: the gate of every slice for every row of a conditioning batch."""

@@ -332,7 +332,7 @@ def build_parser() -> argparse.ArgumentParser:
     rb.add_argument("--json", default=None, help="also write the full report here")
     rb.add_argument("--work", default="world_runs/robustness", help="trained SPMs are cached here, keyed by recipe")
     rb.add_argument("--packs", type=int, nargs="*", default=[1, 2, 3, 5], choices=[1, 2, 3, 5])
-    gate_names = ["off", "published", "calibrated", "moderation", "moderation x2"]
+    gate_names = ["off", "published", "calibrated", "moderation", "moderation x2", "moderation no contrast"]
     rb.add_argument("--gates", nargs="+", default=None, choices=gate_names,
                     help="gate settings to attack (default: the first four; 'moderation x2' is a lever to compare)")
     rb.add_argument("--soft-gates", nargs="+", default=None, choices=gate_names,

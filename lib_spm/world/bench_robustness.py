@@ -47,8 +47,9 @@ from .model import LATENT, World, decode_latent, encode_image, new_scheduler
 # ``--spm-enforce`` attaches enforced SPMs with the controller's default gate, GateSettings():
 # the calibrated metric against the SD-style reference prompts (lib_spm/hosts/webui/controller.py).
 GATES = {**ERASURE_GATES, "moderation": GateSettings()}
-# a lever to measure, not a default: moderation's gate erring towards open (facilitate factor 2)
-LEVER_GATES = {"moderation x2": GateSettings(factor=2.0)}
+# levers to compare: moderation's gate erring towards open (facilitate factor 2, not kept), and
+# moderation without the contrast floors between the applied SPMs' concepts (the default before)
+LEVER_GATES = {"moderation x2": GateSettings(factor=2.0), "moderation no contrast": GateSettings(contrast=False)}
 ALL_GATES = {**GATES, **LEVER_GATES}
 UNKNOWN_WORD = "dog"  # any word outside the world's vocabulary: the text encoder's "unknown" token
 PLACEHOLDER = "sks"  # the soft token's slot (also outside the vocabulary)
