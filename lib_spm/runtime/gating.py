@@ -50,8 +50,8 @@ class GateSettings:
     metric: str = "pooled_tokenuni"
     reference_prompts: tuple[str, ...] = REFERENCE_PROMPTS  # for the calibrated metrics only
     # calibrated metrics: a concept's floor is also its similarity to the other slices' concepts
-    # (below CONTRAST_CAP), so a prompt naming another applied concept does not open it; this
-    # took five-SPM preservation in the shapes world from 0.77 to ... (BENCHMARKS.md)
+    # (below CONTRAST_CAP), so a prompt naming another applied concept does not open it
+    # (packs of five in the shapes world: BENCHMARKS.md, "Robustness")
     contrast: bool = True
 
     def __post_init__(self):
