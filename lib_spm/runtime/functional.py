@@ -193,7 +193,7 @@ def add_lowrank_bypass_(
     The out-of-place sum streams two output-sized tensors through memory (the up-projection's
     result, then the sum); ``addmm_`` accumulates the up-projection into ``output`` itself, which
     is what the runtime's cost per call is made of (BENCHMARKS.md). The caller owns ``output``:
-    it must be contiguous, not a view, and seen by nobody else.
+    it must be contiguous, fill its own storage, and be seen by nobody else.
     """
     B = x.shape[0]
     R = down.shape[0]
