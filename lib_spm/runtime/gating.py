@@ -141,8 +141,8 @@ class ConceptGate:
             if len(idx):
                 related[idx[:, None], idx[None, :]] = True
         related |= torch.eye(C, dtype=torch.bool)
-        others = raw.masked_fill(related | (raw >= CONTRAST_CAP) | raw.isnan(), float("-inf"))
-        return others.amax(dim=1).clamp(min=0.0) if C > 1 else torch.zeros(C)
+        others = raw.masked_fill(related | (raw >= CONTRAST_CAP), float("-inf"))
+        return others.amax(dim=1).clamp(min=0.0)  # -inf (no other concept) -> 0
 
     def gates(self, cond: torch.Tensor, rows: RowTokens | None = None) -> torch.Tensor:
         """``[B, slices]``: the gate of every slice for every row of a conditioning batch."""

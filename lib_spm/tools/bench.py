@@ -46,19 +46,18 @@ class _TimedSession(Session):
 
     hook_seconds = 0.0
 
-    def _on_unet_call(self, *a):
+    def _timed(self, hook, *a):
         t0 = time.perf_counter()
         try:
-            return super()._on_unet_call(*a)
+            return hook(*a)
         finally:
             self.hook_seconds += time.perf_counter() - t0
 
+    def _on_unet_call(self, *a):
+        return self._timed(super()._on_unet_call, *a)
+
     def _on_layer(self, *a):
-        t0 = time.perf_counter()
-        try:
-            return super()._on_layer(*a)
-        finally:
-            self.hook_seconds += time.perf_counter() - t0
+        return self._timed(super()._on_layer, *a)
 
 
 def _spm(unet, i: int) -> SPMFile:
